@@ -1,0 +1,63 @@
+# SFT Labs. `make labs` and `make test` create the environment themselves when it is missing.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION := 2.13.0
+PROFILE ?= auto
+SIZE ?= tiny
+LAB ?=
+KERNEL := sftlabs
+# Keep Jupyter and IPython state inside the project, never in the home directory.
+export JUPYTER_CONFIG_DIR := $(CURDIR)/$(VENV)/etc/jupyter-config
+export JUPYTER_DATA_DIR := $(CURDIR)/$(VENV)/share/jupyter
+export JUPYTER_RUNTIME_DIR := $(CURDIR)/$(VENV)/.jupyter-runtime
+export IPYTHONDIR := $(CURDIR)/$(VENV)/.ipython
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM := false
+export MPLBACKEND ?= Agg
+
+.PHONY: setup data base-model labs test release jupyter autograde feedback clean help
+
+help:
+	@echo "make labs     run every lab headlessly (PROFILE=auto|ci|cpu|t4|gpu-24gb) into build/"
+	@echo "make test     unit tests, notebook runs (ci profile), nbgrader round trip"
+	@echo "make setup | data | base-model [SIZE=tiny|small] | release | jupyter | autograde LAB=... | feedback LAB=..."
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	@# never replace a torch that is already there (Colab, CUDA machines); else take the tested CPU pin
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet torch==$(TORCH_VERSION)
+	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (sftlabs)" >/dev/null
+	@touch $@
+
+setup: $(VENV)/.installed
+
+data: setup
+	$(PY) -m labhelpers.tasks
+
+base-model: data
+	$(PY) -m labhelpers.pretrain --size $(SIZE)
+
+labs: setup
+	$(PY) -m labhelpers.runner --profile $(PROFILE) --out build
+
+test: setup
+	$(PY) -m pytest -q
+
+release: setup
+	$(PY) -m labhelpers.grading release
+
+jupyter: setup
+	$(VENV)/bin/jupyter lab --notebook-dir=labs
+
+autograde: setup
+	$(PY) -m labhelpers.grading autograde $(LAB)
+
+feedback: setup
+	$(PY) -m labhelpers.grading feedback $(LAB)
+
+clean:
+	rm -rf build autograded feedback gradebook.db .pytest_cache

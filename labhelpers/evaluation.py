@@ -1,0 +1,98 @@
+"""Batched greedy generation through the chat template, task scoring into DataFrames, perplexity."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from labhelpers.chat import require_chat_template
+from labhelpers.tasks import get_task, load_split
+
+
+def prompt_text(row: dict, tokenizer, task_format: str) -> str:
+    """The text a model continues for a row: the chat prompt (all turns but the answer, plus the
+    generation prompt) for chat tasks, the raw ``prompt`` for completion tasks."""
+    if task_format == "completion":
+        return row["prompt"]
+    require_chat_template(tokenizer)
+    return tokenizer.apply_chat_template(row["messages"][:-1], tokenize=False, add_generation_prompt=True)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 32,
+             progress: bool = False) -> list[str]:
+    """Greedy completions of ``prompts`` (left-padded batches), special tokens stripped."""
+    was_training = model.training
+    model.eval()
+    tokenizer.padding_side = "left"
+    outputs: list[str] = []
+    batches = range(0, len(prompts), batch_size)
+    for start in tqdm(batches, desc="generate", disable=not progress):
+        enc = tokenizer(list(prompts[start:start + batch_size]), return_tensors="pt", padding=True,
+                        add_special_tokens=False).to(model.device)
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        outputs += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    model.train(was_training)
+    return outputs
+
+
+def evaluate_task(model, tokenizer, task: str, split: str = "test", n: int | None = None,
+                  batch_size: int = 32, progress: bool = False) -> pd.DataFrame:
+    """Generate for the first ``n`` rows of a split and score them.
+
+    Returns one row per example: ``id``, ``prompt``, ``reference``, ``completion``, ``correct``
+    and ``composition`` (where the task has one). ``df["correct"].mean()`` is the task's score
+    (pass@1 for ``code``, execution accuracy for ``sql``, exact match for ``arithmetic``).
+    """
+    spec = get_task(task)
+    rows = list(load_split(task, split, n))
+    prompts = [prompt_text(r, tokenizer, spec.format) for r in rows]
+    completions = generate(model, tokenizer, prompts, spec.max_new_tokens, batch_size, progress)
+    references = [r["completion"] if spec.format == "completion" else r["messages"][-1]["content"] for r in rows]
+    return pd.DataFrame({
+        "id": [r["id"] for r in rows],
+        "prompt": [r["messages"][0]["content"] if "messages" in r else r["prompt"] for r in rows],
+        "reference": references,
+        "completion": completions,
+        "correct": spec.score(rows, completions),
+        "composition": [r.get("composition", "") for r in rows],
+    })
+
+
+def score_tasks(model, tokenizer, splits: dict[str, tuple[str, str]], n: int | None = None) -> pd.DataFrame:
+    """One score per named (task, split): ``{"code pass@1": ("code", "test"), ...}`` -> one-row DataFrame."""
+    return pd.DataFrame([{name: evaluate_task(model, tokenizer, task, split, n)["correct"].mean()
+                          for name, (task, split) in splits.items()}])
+
+
+def token_blocks(texts: Sequence[str], tokenizer, seq_len: int) -> torch.Tensor:
+    """Texts joined by the end-of-turn token and cut into ``[n_blocks, seq_len]`` blocks of ids."""
+    ids: list[int] = []
+    for enc in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
+        ids.extend(enc + [tokenizer.eos_token_id])
+    n = len(ids) // seq_len
+    if n == 0:
+        raise ValueError(f"texts hold {len(ids)} tokens, fewer than one block of {seq_len}; pass more text "
+                         "or a smaller seq_len")
+    return torch.tensor(ids[: n * seq_len]).view(n, seq_len)
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, texts: Sequence[str], seq_len: int = 256, batch_size: int = 32) -> float:
+    """exp(mean next-token cross-entropy) of ``texts`` packed into blocks of ``seq_len`` tokens."""
+    blocks = token_blocks(texts, tokenizer, seq_len)
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(blocks), batch_size):
+        batch = blocks[i:i + batch_size].to(model.device)
+        loss = model(input_ids=batch, labels=batch).loss
+        total += loss.item() * (batch.shape[0] * (batch.shape[1] - 1))
+        count += batch.shape[0] * (batch.shape[1] - 1)
+    model.train(was_training)
+    return math.exp(total / count)

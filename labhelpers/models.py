@@ -1,0 +1,79 @@
+"""Load a model and tokenizer for a profile: the shipped tiny base (offline) or a hub id."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from labhelpers.paths import base_model_dir
+from labhelpers.profiles import Profile
+
+QUANTIZATIONS = ("nf4", "int8")
+
+
+def model_source(name: str) -> str:
+    """A local folder for a shipped size (``tiny``, ``small``) or an existing path, else the hub id."""
+    from labhelpers.pretrain import MODEL_SIZES
+
+    if name in MODEL_SIZES:
+        path = base_model_dir(name)
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"shipped base model {name!r} is missing at {path}; run "
+                                    f"`make base-model` (or `python -m labhelpers.pretrain --size {name}`)")
+        return str(path)
+    return name
+
+
+def quantization_config(quantization: str | None, compute_dtype: torch.dtype):
+    """``BitsAndBytesConfig`` for ``nf4`` (4-bit NF4 with double quantization, as in QLoRA) or ``int8``."""
+    from transformers import BitsAndBytesConfig
+
+    if quantization is None:
+        return None
+    if quantization == "nf4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute_dtype)
+    if quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise ValueError(f"unknown quantization {quantization!r}; valid: None, {', '.join(QUANTIZATIONS)}")
+
+
+def load_tokenizer(profile: Profile, name: str | None = None):
+    """The tokenizer of ``name`` (default: the profile's base model), left-padded, with a pad token."""
+    from transformers import AutoTokenizer
+
+    source = model_source(name or profile.base_model)
+    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=Path(source).exists())
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_model(profile: Profile, name: str | None = None, quantization: str | None = None):
+    """(model, tokenizer) of ``name`` (default: the profile's base model) on the profile's device/dtype.
+
+    ``quantization`` is None, ``"nf4"`` or ``"int8"`` (bitsandbytes; works on CPU too).
+    """
+    from transformers import AutoModelForCausalLM
+
+    source = model_source(name or profile.base_model)
+    dtype = getattr(torch, profile.dtype)
+    torch.manual_seed(profile.seed)
+    model = AutoModelForCausalLM.from_pretrained(
+        source, dtype=dtype, quantization_config=quantization_config(quantization, dtype),
+        device_map={"": profile.device} if quantization else None, local_files_only=Path(source).exists())
+    if not quantization:
+        model.to(profile.device)
+    return model, load_tokenizer(profile, name)
+
+
+def count_parameters(model) -> dict[str, int]:
+    """``{"trainable": n, "total": n}``; 4-bit weights count as their logical (unpacked) size."""
+    total = trainable = 0
+    for p in model.parameters():
+        n = p.numel() * (2 if p.dtype == torch.uint8 and hasattr(p, "quant_state") else 1)
+        total += n
+        trainable += n if p.requires_grad else 0
+    return {"trainable": trainable, "total": total}

@@ -1,0 +1,27 @@
+"""Where the project's data and shipped base model live.
+
+``SFTLABS_DATA`` overrides the data directory (used on Colab, where the package is installed from a
+wheel and the data is fetched next to the notebook); otherwise it is ``<repo>/data``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def data_dir() -> Path:
+    """Directory holding the JSONL task files and ``base-model*/`` folders."""
+    return Path(os.environ.get("SFTLABS_DATA", REPO_ROOT / "data"))
+
+
+def base_model_dir(size: str = "tiny") -> Path:
+    """Folder of a shipped tiny base model: ``data/base-model`` for ``tiny``, ``data/base-model-<size>`` else."""
+    return data_dir() / ("base-model" if size == "tiny" else f"base-model-{size}")
+
+
+def build_dir() -> Path:
+    """Where ``make labs`` writes executed notebooks, figures and the results summary."""
+    return Path(os.environ.get("SFTLABS_BUILD", REPO_ROOT / "build"))

@@ -1,0 +1,47 @@
+"""Figure style and the plots the labs share. Every figure has a title, labelled axes and units."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import matplotlib.pyplot as plt
+import pandas as pd
+
+STYLE = {"figure.figsize": (6.4, 3.6), "figure.dpi": 110, "axes.grid": True, "grid.alpha": 0.3,
+         "axes.spines.top": False, "axes.spines.right": False, "font.size": 10}
+
+
+def use_style() -> None:
+    """Apply the labs' matplotlib style."""
+    plt.rcParams.update(STYLE)
+
+
+def loss_curves(curves: Mapping[str, pd.DataFrame], title: str = "Training loss", smooth: int = 5):
+    """One line per run of ``loss`` against ``step`` (rolling mean over ``smooth`` steps)."""
+    use_style()
+    fig, ax = plt.subplots()
+    for name, df in curves.items():
+        ax.plot(df["step"], df["loss"].rolling(smooth, min_periods=1).mean(), label=name)
+    ax.set(title=title, xlabel="optimizer step", ylabel="cross-entropy loss (nats/token)")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def bars(df: pd.DataFrame, x: str, y: str, title: str, ylabel: str, color: str | None = None):
+    """A bar per row of ``df`` (``x`` labels, ``y`` heights), values printed on the bars."""
+    use_style()
+    fig, ax = plt.subplots()
+    bars_ = ax.bar(df[x].astype(str), df[y], color=color)
+    ax.bar_label(bars_, fmt="%.2f")
+    ax.set(title=title, xlabel=x, ylabel=ylabel)
+    fig.tight_layout()
+    return fig
+
+
+def save(fig, path) -> None:
+    """Save a figure as PNG (parents created)."""
+    from pathlib import Path
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, bbox_inches="tight")

@@ -1,0 +1,108 @@
+"""Profiles: one notebook, every machine.
+
+A profile is a frozen record of every setting a helper reads (which base model, dtype, device,
+sequence length, batch size, steps, learning rate, LoRA rank, evaluation sizes). Helpers read its
+fields and never its name, so the ``ci`` profile runs exactly the code path of ``t4``, only smaller.
+
+``get("auto")`` picks ``gpu-24gb`` on a CUDA device with at least 20 GiB, ``t4`` on a smaller one,
+and ``cpu`` otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Settings shared by every lab.
+
+    ``base_model`` and the entries of ``sweep_models`` are either a shipped size (``tiny``,
+    ``small``: folders under ``data/``) or a hub id, resolved by :func:`labhelpers.models.model_source`.
+    ``n_eval`` caps each evaluated split (None: the whole split).
+    """
+
+    name: str
+    base_model: str
+    large_model: str
+    sweep_models: tuple[str, ...]
+    device: str
+    dtype: str
+    max_seq_length: int
+    batch_size: int
+    gradient_accumulation_steps: int
+    max_steps: int
+    learning_rate: float
+    full_ft_learning_rate: float
+    lora_r: int
+    lora_alpha: int
+    lora_dropout: float
+    target_modules: tuple[str, ...]
+    gradient_checkpointing: bool
+    n_eval: int | None
+    eval_batch_size: int
+    seed: int = 0
+
+    def with_(self, **changes) -> "Profile":
+        """A copy with some fields changed (profiles are frozen)."""
+        return replace(self, **changes)
+
+
+_ATTN_MLP = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+PROFILES: dict[str, Profile] = {
+    "ci": Profile(name="ci", base_model="tiny", large_model="tiny", sweep_models=("tiny", "small"),
+                  device="cpu", dtype="float32", max_seq_length=160, batch_size=16,
+                  gradient_accumulation_steps=1, max_steps=300, learning_rate=3e-3, full_ft_learning_rate=1e-3,
+                  lora_r=16, lora_alpha=32, lora_dropout=0.0, target_modules=_ATTN_MLP,
+                  gradient_checkpointing=False, n_eval=100, eval_batch_size=100),
+    "cpu": Profile(name="cpu", base_model="tiny", large_model="tiny", sweep_models=("tiny", "small"),
+                   device="cpu", dtype="float32", max_seq_length=160, batch_size=16,
+                   gradient_accumulation_steps=1, max_steps=800, learning_rate=3e-3, full_ft_learning_rate=1e-3,
+                   lora_r=16, lora_alpha=32, lora_dropout=0.0, target_modules=_ATTN_MLP,
+                   gradient_checkpointing=False, n_eval=None, eval_batch_size=100),
+    "t4": Profile(name="t4", base_model="Qwen/Qwen2.5-Coder-0.5B-Instruct",
+                  large_model="codellama/CodeLlama-7b-Instruct-hf",
+                  sweep_models=("Qwen/Qwen2.5-Coder-0.5B-Instruct", "Qwen/Qwen2.5-Coder-1.5B-Instruct"),
+                  device="cuda", dtype="float16", max_seq_length=384, batch_size=8,
+                  gradient_accumulation_steps=2, max_steps=200, learning_rate=2e-4, full_ft_learning_rate=2e-5,
+                  lora_r=16, lora_alpha=32, lora_dropout=0.05, target_modules=_ATTN_MLP,
+                  gradient_checkpointing=True, n_eval=100, eval_batch_size=32),
+    "gpu-24gb": Profile(name="gpu-24gb", base_model="Qwen/Qwen2.5-Coder-1.5B-Instruct",
+                        large_model="codellama/CodeLlama-7b-Instruct-hf",
+                        sweep_models=("Qwen/Qwen2.5-Coder-0.5B-Instruct", "Qwen/Qwen2.5-Coder-1.5B-Instruct"),
+                        device="cuda", dtype="bfloat16", max_seq_length=512, batch_size=16,
+                        gradient_accumulation_steps=1, max_steps=300, learning_rate=2e-4,
+                        full_ft_learning_rate=2e-5, lora_r=16, lora_alpha=32, lora_dropout=0.05,
+                        target_modules=_ATTN_MLP, gradient_checkpointing=True, n_eval=200, eval_batch_size=64),
+}
+# ``smoke``: the fewest steps and examples that still execute every cell; used only where effects are
+# asserted elsewhere (the nbgrader round trip), never to show a lab's results.
+PROFILES["smoke"] = PROFILES["ci"].with_(name="smoke", max_steps=4, n_eval=8, eval_batch_size=8)
+NAMES = (*PROFILES, "auto")
+
+
+def auto_name() -> str:
+    """The profile ``auto`` resolves to on this machine."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    total_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
+    return "gpu-24gb" if total_gib >= 20 else "t4"
+
+
+def get(name: str = "auto") -> Profile:
+    """The profile called ``name``; an unknown name raises ValueError listing the valid ones.
+
+    ``auto`` honours the ``SFTLABS_PROFILE`` environment variable first (the grader sets it so that
+    student notebooks, which say ``PROFILE = "auto"``, run small), then the hardware.
+    """
+    if not isinstance(name, str) or name not in NAMES:
+        raise ValueError(f"unknown profile {name!r}; valid profiles: {', '.join(NAMES)}")
+    if name == "auto":
+        name = os.environ.get("SFTLABS_PROFILE") or auto_name()
+        if name not in PROFILES:
+            raise ValueError(f"SFTLABS_PROFILE={name!r} is not a profile; valid: {', '.join(PROFILES)}")
+    return PROFILES[name]

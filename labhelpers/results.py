@@ -1,0 +1,40 @@
+"""Where a lab run records its measured numbers, so tests and the results summary can read them.
+
+A notebook calls ``save_metrics("lab1_peft", {...})``; ``make labs`` and the notebook tests point
+``SFTLABS_RESULTS`` at the run's output folder. Values must be JSON numbers, strings or booleans.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+from labhelpers.paths import build_dir
+
+
+def results_dir() -> Path:
+    return Path(os.environ.get("SFTLABS_RESULTS", build_dir()))
+
+
+def save_metrics(lab: str, metrics: dict) -> Path:
+    """Merge ``metrics`` into ``<results>/<lab>/metrics.json`` (atomic write) and return its path."""
+    for key, value in metrics.items():
+        if not isinstance(value, (int, float, str, bool)) or (isinstance(value, float) and math.isnan(value)):
+            raise ValueError(f"metric {key!r} is {value!r}; metrics must be finite numbers, strings or booleans")
+    path = results_dir() / lab / "metrics.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    current = json.loads(path.read_text()) if path.exists() else {}
+    current.update({k: float(v) if isinstance(v, float) else v for k, v in metrics.items()})
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(current, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def load_metrics(lab: str, root: Path | None = None) -> dict:
+    path = (root or results_dir()) / lab / "metrics.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: the {lab} notebook did not call save_metrics")
+    return json.loads(path.read_text())

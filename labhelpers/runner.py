@@ -1,0 +1,93 @@
+"""Run lab notebooks headlessly with papermill: ``python -m labhelpers.runner --profile ci``.
+
+Each ``solutions/<lab>/<lab>.ipynb`` is executed with ``PROFILE`` injected into its ``parameters``
+cell, inside ``<out>/<lab>/`` (its figures land there), and written to ``<out>/<lab>/<lab>.ipynb``.
+Metrics the notebook saves (:mod:`labhelpers.results`) and the run time go into ``<out>/summary.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from labhelpers.paths import REPO_ROOT, build_dir
+
+KERNEL = "sftlabs"
+
+
+@dataclass(frozen=True)
+class LabRun:
+    lab: str
+    notebook: Path
+    seconds: float
+    metrics: dict
+
+
+def discover(source: Path | None = None) -> list[Path]:
+    """Every ``<source>/<lab>/<lab>.ipynb`` (source defaults to ``solutions/``), sorted by lab name."""
+    source = source or REPO_ROOT / "solutions"
+    return sorted(p for p in source.glob("*/*.ipynb") if p.stem == p.parent.name)
+
+
+def run_lab(notebook: Path, out: Path, profile: str, kernel: str = KERNEL, timeout_s: int = 1800) -> LabRun:
+    """Execute one notebook with papermill and return what it recorded. Raises on any cell error."""
+    import papermill
+
+    from labhelpers.results import load_metrics
+
+    lab = notebook.stem
+    workdir = out / lab
+    workdir.mkdir(parents=True, exist_ok=True)
+    os.environ["SFTLABS_RESULTS"] = str(out)
+    start = time.perf_counter()
+    papermill.execute_notebook(str(notebook), str(workdir / notebook.name), parameters={"PROFILE": profile},
+                               kernel_name=kernel, cwd=str(workdir), progress_bar=False,
+                               execution_timeout=timeout_s, request_save_on_cell_execute=False)
+    seconds = time.perf_counter() - start
+    metrics = load_metrics(lab, out)
+    (workdir / "runtime.json").write_text(json.dumps({"seconds": seconds, "profile": profile}) + "\n")
+    return LabRun(lab, workdir / notebook.name, seconds, metrics)
+
+
+def write_summary(runs: list[LabRun], out: Path, profile: str) -> Path:
+    """``summary.md``: one section per lab with its run time and every metric it recorded."""
+    lines = [f"# SFT Labs results (profile `{profile}`)", ""]
+    for run in runs:
+        lines += [f"## {run.lab}", "", f"- notebook: `{run.notebook.relative_to(out)}`",
+                  f"- run time: {run.seconds:.0f} s", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in run.metrics.items()]
+        lines.append("")
+    path = out / "summary.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run every lab notebook headlessly.")
+    parser.add_argument("--profile", default="auto")
+    parser.add_argument("--out", type=Path, default=build_dir())
+    parser.add_argument("--source", type=Path, default=None)
+    args = parser.parse_args(argv)
+    from labhelpers.profiles import get
+
+    get(args.profile)  # fail early, with the list of valid names, on a typo
+    notebooks = discover(args.source)
+    if not notebooks:
+        print(f"no labs yet: nothing under {args.source or REPO_ROOT / 'solutions'} matches <lab>/<lab>.ipynb")
+        return 0
+    runs = []
+    for nb in notebooks:
+        print(f"running {nb.stem} (profile {args.profile}) ...", flush=True)
+        runs.append(run_lab(nb, args.out, args.profile))
+        print(f"  done in {runs[-1].seconds:.0f} s", flush=True)
+    print(f"summary: {write_summary(runs, args.out, args.profile)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""Generated, automatically scored tasks, looked up by name.
+
+``code`` (spec -> Python function, pass@1 in the sandbox), ``sql`` (question -> SQLite query,
+execution accuracy) and ``arithmetic`` (the general skill and forgetting probe).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from labhelpers.paths import data_dir
+from labhelpers.tasks import arithmetic, code, sql
+from labhelpers.tasks.base import Task, read_jsonl, write_jsonl
+
+TASKS: dict[str, Task] = {t.name: t for t in (code.TASK, sql.TASK, arithmetic.TASK)}
+DATA_SEED = 0
+
+
+def get_task(name: str) -> Task:
+    """The task registered under ``name``; an unknown name lists the valid ones."""
+    if name not in TASKS:
+        raise KeyError(f"unknown task {name!r}; valid tasks: {', '.join(sorted(TASKS))}")
+    return TASKS[name]
+
+
+def split_path(task: str, split: str, root: Path | None = None) -> Path:
+    return (root or data_dir()) / task / f"{split}.jsonl"
+
+
+def load_split(task: str, split: str, n: int | None = None, root: Path | None = None):
+    """One split of a task as a ``datasets.Dataset`` (first ``n`` rows when given)."""
+    from datasets import Dataset
+
+    rows = read_jsonl(split_path(get_task(task).name, split, root))
+    valid = sorted(p.stem for p in split_path(task, "x", root).parent.glob("*.jsonl"))
+    if not rows:
+        raise ValueError(f"split {split!r} of task {task!r} is empty; valid splits: {valid}")
+    return Dataset.from_list(rows[:n] if n else rows)
+
+
+def write_all(root: Path | None = None, seed: int = DATA_SEED) -> list[Path]:
+    """Generate every task's splits, the SQL database dump and the pretraining corpus into ``root``."""
+    from labhelpers import corpus
+
+    root = root or data_dir()
+    written = []
+    for task in TASKS.values():
+        for split, rows in task.generate(seed).items():
+            write_jsonl(rows, split_path(task.name, split, root))
+            written.append(split_path(task.name, split, root))
+    sql_path = root / "sql" / "company.sql"
+    sql_path.write_text(sql.database_sql(), encoding="utf-8")
+    written.append(sql_path)
+    written += corpus.write_corpus(root / "corpus", seed=seed)
+    return written

@@ -1,0 +1,123 @@
+"""Supervised fine-tuning on top of TRL's ``SFTTrainer``, with the measurements every lab reports.
+
+:func:`train_sft` trains a model (optionally wrapped by a ``peft`` config) on a task dataset and
+returns a :class:`TrainResult`: the loss curve, seconds per step, peak memory, parameter counts.
+Conversational rows train on assistant tokens only (``assistant_only_loss``), prompt/completion
+rows on the completion only (``completion_only_loss``).
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import pandas as pd
+import torch
+from transformers import TrainerCallback
+
+from labhelpers.data import sft_dataset
+from labhelpers.memory import measure_peak_memory
+from labhelpers.models import count_parameters
+from labhelpers.profiles import Profile
+
+
+@dataclass
+class TrainResult:
+    """What a training run measured. ``model`` is the trained model (a ``PeftModel`` under PEFT)."""
+
+    model: object
+    loss_curve: pd.DataFrame
+    sec_per_step: float
+    peak_mib: float
+    train_seconds: float
+    steps: int
+    trainable_params: int
+    total_params: int
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def final_loss(self) -> float:
+        """Mean training loss over the last 10% of logged steps."""
+        tail = max(1, len(self.loss_curve) // 10)
+        return float(self.loss_curve["loss"].iloc[-tail:].mean())
+
+    def summary(self) -> dict:
+        return {"trainable_params": self.trainable_params, "total_params": self.total_params,
+                "trainable_pct": 100 * self.trainable_params / self.total_params,
+                "sec_per_step": self.sec_per_step, "peak_mib": self.peak_mib,
+                "final_train_loss": self.final_loss, "train_seconds": self.train_seconds}
+
+
+class _Recorder(TrainerCallback):
+    """Records the logged loss of every step and the wall time of each optimizer step."""
+
+    def __init__(self) -> None:
+        self.losses: list[tuple[int, float]] = []
+        self.step_seconds: list[float] = []
+        self._t0 = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._t0 = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.step_seconds.append(time.perf_counter() - self._t0)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.losses.append((state.global_step, float(logs["loss"])))
+
+
+def sft_config(profile: Profile, dataset_format: str, output_dir: str, **overrides):
+    """The ``SFTConfig`` a profile implies; ``overrides`` replace any field (e.g. ``max_steps``)."""
+    from trl import SFTConfig
+
+    fields = dict(
+        output_dir=output_dir, max_steps=profile.max_steps, per_device_train_batch_size=profile.batch_size,
+        gradient_accumulation_steps=profile.gradient_accumulation_steps, learning_rate=profile.learning_rate,
+        lr_scheduler_type="cosine", warmup_steps=max(1, profile.max_steps // 20), weight_decay=0.0,
+        logging_steps=1, save_strategy="no", report_to="none", seed=profile.seed, data_seed=profile.seed,
+        max_length=profile.max_seq_length, gradient_checkpointing=profile.gradient_checkpointing,
+        use_cpu=profile.device == "cpu", bf16=profile.dtype == "bfloat16", fp16=profile.dtype == "float16",
+        assistant_only_loss=dataset_format == "chat", completion_only_loss=dataset_format == "completion",
+        dataloader_num_workers=0, disable_tqdm=False,
+    )
+    fields.update(overrides)
+    return SFTConfig(**fields)
+
+
+def train_sft(model, tokenizer, dataset, profile: Profile, peft_config=None, callbacks=(), **overrides) -> TrainResult:
+    """Fine-tune ``model`` on ``dataset`` with TRL's ``SFTTrainer`` and measure the run.
+
+    Args:
+        model: a ``transformers`` causal LM (already quantized for QLoRA, if wanted).
+        tokenizer: its tokenizer; chat rows need a chat template with generation markers.
+        dataset: a ``datasets.Dataset`` of task rows (extra columns are dropped after validation).
+        profile: supplies steps, batch size, learning rate, sequence length, device and dtype.
+        peft_config: a ``peft`` config (LoRA, DoRA, IA3, ...) or None for full fine-tuning.
+        overrides: ``SFTConfig`` fields to change for this run, e.g. ``max_steps=50``.
+    """
+    from trl import SFTTrainer
+
+    from labhelpers.data import validate_rows
+
+    fmt = validate_rows(dataset)
+    recorder = _Recorder()
+    with tempfile.TemporaryDirectory(prefix="sftlabs-train-") as out:
+        torch.manual_seed(profile.seed)
+        trainer = SFTTrainer(model=model, args=sft_config(profile, fmt, out, **overrides),
+                             train_dataset=sft_dataset(dataset), processing_class=tokenizer,
+                             peft_config=peft_config, callbacks=[recorder, *callbacks])
+        counts = count_parameters(trainer.model)
+        start = time.perf_counter()
+        with measure_peak_memory(profile.device) as peak:
+            trainer.train()
+        train_seconds = time.perf_counter() - start
+    trained = trainer.model
+    trained.eval()
+    steps = len(recorder.step_seconds)
+    timed = recorder.step_seconds[1:] or recorder.step_seconds  # the first step pays one-off set-up
+    return TrainResult(model=trained, loss_curve=pd.DataFrame(recorder.losses, columns=["step", "loss"]),
+                       sec_per_step=statistics.median(timed), peak_mib=peak.peak_mib, train_seconds=train_seconds,
+                       steps=steps, trainable_params=counts["trainable"], total_params=counts["total"])

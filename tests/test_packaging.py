@@ -1,0 +1,52 @@
+"""The project's own files: pins agree, configs say what the docs say."""
+
+import re
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _pins(lines):
+    return dict(re.match(r"^([A-Za-z0-9_.\-]+)==(\S+)$", s).groups() for s in lines if "==" in s)
+
+
+def test_environment_yml_pins_equal_pyproject():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = project["dependencies"] + project["optional-dependencies"]["dev"]
+    pyproject = _pins(declared)
+    env = _pins(line.strip().lstrip("- ").strip() for line in (ROOT / "environment.yml").read_text().splitlines()
+                if line.strip().startswith("- ") and "==" in line)
+    torch = env.pop("torch")
+    assert env == pyproject
+    # every dependency but torch is pinned exactly; torch is a range so Colab keeps its own
+    unpinned = [d for d in declared if "==" not in d]
+    assert unpinned == ["torch>=2.4"]
+    makefile_torch = re.search(r"^TORCH_VERSION := (\S+)$", (ROOT / "Makefile").read_text(), re.M).group(1)
+    assert torch == makefile_torch
+
+
+def test_installed_versions_match_pins():
+    from importlib.metadata import version
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for name, pinned in _pins(project["dependencies"] + project["optional-dependencies"]["dev"]).items():
+        assert version(name) == pinned, f"{name} {version(name)} is installed but {pinned} is pinned; run make setup"
+
+
+def test_nbgrader_config_directories_and_timeout():
+    text = (ROOT / "nbgrader_config.py").read_text()
+    assert 'source_directory = "solutions"' in text
+    assert 'release_directory = "labs"' in text
+    timeout = int(re.search(r"ExecutePreprocessor.timeout = (\d+)", text).group(1))
+    assert timeout > 30
+
+
+def test_ci_runs_make_test():
+    assert (ROOT / ".ci" / "run").read_text().strip().endswith("make test")
+
+
+def test_gitignore_keeps_generated_state_out():
+    ignored = (ROOT / ".gitignore").read_text().split()
+    for entry in (".venv/", "build/", "gradebook.db", "submitted/", "autograded/", "feedback/"):
+        assert entry in ignored

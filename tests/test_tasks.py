@@ -1,0 +1,143 @@
+"""Task generators and scorers: deterministic, disjoint splits, references score as correct."""
+
+import filecmp
+import random
+from pathlib import Path
+
+import pytest
+
+from labhelpers import corpus
+from labhelpers.paths import data_dir
+from labhelpers.tasks import TASKS, arithmetic, code, get_task, load_split, read_jsonl, sql, write_all
+
+
+def _prompt(row):
+    return row["messages"][0]["content"] if "messages" in row else row["prompt"]
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_splits_do_not_overlap(task):
+    splits = TASKS[task].generate(0)
+    prompts = {name: {_prompt(r) for r in rows} for name, rows in splits.items()}
+    names = sorted(prompts)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert not prompts[a] & prompts[b], f"{task}: {a} and {b} share prompts"
+    assert all(len(rows) > 0 for rows in splits.values())
+
+
+def test_code_problems_are_disjoint_across_wordings():
+    # the same problem must not reach test in another wording: compare the reference solutions
+    splits = code.generate(0)
+    solutions = {n: {r["messages"][1]["content"] for r in rows} for n, rows in splits.items()}
+    assert not solutions["train"] & solutions["test"]
+    assert not solutions["train"] & solutions["validation"]
+
+
+def test_heldout_compositions_never_seen_elsewhere():
+    splits = code.generate(0)
+    held = {"/".join(c) for c in code.HELDOUT_COMPOSITIONS}
+    assert {r["composition"] for r in splits["heldout"]} <= held
+    for name in ("train", "validation", "test"):
+        assert not {r["composition"] for r in splits[name]} & held
+    # every part of a held-out composition is still trained on
+    train_parts = [set(r["composition"].split("/")) for r in splits["train"]]
+    for composition in code.HELDOUT_COMPOSITIONS:
+        for part in composition:
+            assert any(part in parts for parts in train_parts)
+
+
+def test_generation_is_deterministic_and_seeded():
+    assert code.generate(0) == code.generate(0)
+    assert sql.generate(0) == sql.generate(0)
+    assert code.generate(1)["test"] != code.generate(0)["test"]
+
+
+def test_make_data_is_byte_identical(tmp_path):
+    written = write_all(tmp_path)
+    assert written
+    for path in written:
+        shipped = data_dir() / path.relative_to(tmp_path)
+        assert shipped.exists(), f"{shipped} is not shipped; run make data and commit it"
+        assert filecmp.cmp(path, shipped, shallow=False), f"{shipped} differs from a fresh `make data`"
+
+
+def test_code_references_pass_and_wrong_answers_fail():
+    rows = list(load_split("code", "test", 40))
+    references = [r["messages"][-1]["content"] for r in rows]
+    assert all(code.score(rows, references))
+    wrong = [ref.replace("return ", "return 1 + ", 1) if "[" not in ref else ref.replace("if", "if not", 1)
+             for ref in references]
+    assert not any(code.score(rows, wrong))
+    assert code.score(rows[:2], ["```python\n" + references[0] + "```", "not python at all"]) == [True, False]
+
+
+def test_code_heldout_references_pass():
+    rows = list(load_split("code", "heldout"))
+    assert len(rows) >= 100
+    assert all(code.score(rows, [r["messages"][-1]["content"] for r in rows]))
+
+
+def test_sql_execution_accuracy():
+    rows = list(load_split("sql", "test"))
+    golds = [r["gold_sql"] for r in rows]
+    assert all(sql.score(rows, golds))
+    # equivalent query with a different text still counts; a different result does not
+    row = rows[0]
+    equivalent = row["gold_sql"].replace("SELECT", "select").replace(";", " ;")
+    assert sql.score([row], [equivalent]) == [True]
+    assert sql.score([row], ["SELECT 42;"]) == [False]
+
+
+@pytest.mark.parametrize("attack", ["DROP TABLE employees;", "DELETE FROM employees;",
+                                    "INSERT INTO employees VALUES (999, 'x', 'y', 'z', 1, 1);",
+                                    "ATTACH DATABASE '/tmp/x.db' AS x;", "PRAGMA query_only = OFF;",
+                                    "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) "
+                                    "SELECT COUNT(*) FROM c;", "SELECT", ""])
+def test_sql_scorer_rejects_writes_and_runaways(attack):
+    assert sql.run_query(attack) is None
+    assert sql.run_query("SELECT COUNT(*) FROM employees;") == [(sql.N_EMPLOYEES,)]
+
+
+def test_sql_database_dump_is_shipped():
+    assert (data_dir() / "sql" / "company.sql").read_text() == sql.database_sql()
+
+
+def test_arithmetic_probe_scoring():
+    rows = list(load_split("arithmetic", "test"))
+    assert len(rows) == arithmetic.SPLIT_SIZES["test"]
+    assert all(arithmetic.score(rows, [r["completion"] for r in rows]))
+    assert arithmetic.score(rows[:1], [f" {rows[0]['answer'] + 1}"]) == [False]
+    assert arithmetic.score(rows[:1], [" "]) == [False]
+
+
+def test_corpus_heldout_is_disjoint_and_mixed():
+    train = read_jsonl(data_dir() / "corpus" / "train.jsonl")
+    heldout = read_jsonl(data_dir() / "corpus" / "heldout.jsonl")
+    assert len(train) == corpus.N_DOCUMENTS and len(heldout) == corpus.HELDOUT_DOCUMENTS
+    assert not {d["text"] for d in train} & {d["text"] for d in heldout}
+    assert {d["kind"] for d in train} == set(corpus.MIX)
+
+
+def test_corpus_never_contains_task_spec_wording_or_heldout_code():
+    texts = " ".join(d["text"] for d in read_jsonl(data_dir() / "corpus" / "train.jsonl"))
+    assert "Write a Python function" not in texts and "employees" not in texts
+    for composition in code.HELDOUT_COMPOSITIONS:
+        name = code.function_name(composition, None)
+        assert f"def {name}(" not in texts and f"def {name}_" not in texts
+
+
+def test_unknown_task_and_split_errors():
+    with pytest.raises(KeyError, match="valid tasks"):
+        get_task("poetry")
+    with pytest.raises(FileNotFoundError, match="make data"):
+        load_split("code", "nonexistent")
+
+
+def test_split_keys_refuses_impossible_sizes():
+    from labhelpers.tasks.base import split_keys
+
+    with pytest.raises(ValueError, match="unique"):
+        split_keys(range(3), {"train": 2, "test": 2}, seed=0)
+    parts = split_keys(range(10), {"a": 4, "b": 6}, seed=random.randrange(100))
+    assert sorted(parts["a"] + parts["b"]) == list(range(10))

@@ -21,8 +21,10 @@ from labhelpers.runner import discover
 
 def nbgrader(args: list[str], course_dir: Path, env: dict | None = None, timeout_s: int = 3600) -> str:
     """Run one nbgrader command in ``course_dir``; raise RuntimeError with its log when it fails."""
+    # nbgrader shells out to tools of its environment (alembic, jupyter): put that environment first
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     proc = subprocess.run([sys.executable, "-m", "nbgrader", *args], cwd=course_dir, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=timeout_s)
+                          env={**os.environ, "PATH": path, **(env or {})}, timeout=timeout_s)
     if proc.returncode != 0:
         raise RuntimeError(f"nbgrader {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}"
                            f"\n{proc.stderr[-3000:]}")

@@ -1,0 +1,96 @@
+"""Chat template round trip, assistant-only masks and data schema errors."""
+
+import pytest
+
+from labhelpers import chat, data
+
+CONVO = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "7 + 5 ="},
+         {"role": "assistant", "content": "12"}, {"role": "user", "content": "and 2 * 3 ="},
+         {"role": "assistant", "content": "6"}]
+
+
+def test_template_renders_and_round_trips(tokenizer):
+    text = tokenizer.apply_chat_template(CONVO, tokenize=False)
+    assert text == ("<|system|>\nBe brief.<|end|><|user|>\n7 + 5 =<|end|><|assistant|>\n12<|end|>"
+                    "<|user|>\nand 2 * 3 =<|end|><|assistant|>\n6<|end|>")
+    ids = tokenizer.apply_chat_template(CONVO, tokenize=True, return_dict=True)["input_ids"]
+    assert tokenizer.decode(ids) == text
+
+
+def test_generation_prompt(tokenizer):
+    text = tokenizer.apply_chat_template(CONVO[:2], tokenize=False, add_generation_prompt=True)
+    assert text.endswith("<|user|>\n7 + 5 =<|end|><|assistant|>\n")
+
+
+def test_assistant_mask_covers_exactly_the_assistant_tokens(tokenizer):
+    enc = tokenizer.apply_chat_template(CONVO, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    masked = [t for t, m in zip(enc["input_ids"], enc["assistant_masks"]) if m]
+    expected = []
+    for turn in CONVO:
+        if turn["role"] == "assistant":
+            expected += tokenizer(turn["content"] + chat.END_OF_TURN, add_special_tokens=False)["input_ids"]
+    assert masked == expected
+    assert tokenizer.decode(masked) == "12<|end|>6<|end|>"
+
+
+def test_labels_train_only_on_assistant_tokens(tokenizer):
+    out = data.tokenize_chat(CONVO, tokenizer, max_length=128)
+    kept = [t for t in out["labels"] if t != data.IGNORE_INDEX]
+    assert tokenizer.decode(kept) == "12<|end|>6<|end|>"
+    assert len(out["labels"]) == len(out["input_ids"]) == len(out["attention_mask"])
+
+
+def test_unknown_role_is_a_clear_error(tokenizer):
+    bad = [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "x"}]
+    with pytest.raises(ValueError, match="unknown role 'robot'.*valid roles"):
+        data.tokenize_chat(bad, tokenizer, 64)
+    with pytest.raises(Exception, match="unknown role"):
+        tokenizer.apply_chat_template(bad, tokenize=False)
+
+
+def test_missing_assistant_turn_and_missing_template(tokenizer):
+    with pytest.raises(ValueError, match="no assistant turn"):
+        data.tokenize_chat(CONVO[:2], tokenizer, 64)
+
+    class NoTemplate:
+        chat_template = None
+        name_or_path = "some/base-model"
+
+    with pytest.raises(ValueError, match="has no chat template.*CHAT_TEMPLATE"):
+        data.tokenize_chat(CONVO, NoTemplate(), 64)
+
+
+def test_over_long_conversation_is_refused(tokenizer):
+    with pytest.raises(ValueError, match="max_length=8"):
+        data.tokenize_chat(CONVO, tokenizer, max_length=8)
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([], "empty"),
+    ([{"text": "hello"}], "needs 'messages'"),
+    ([{"prompt": "a"}], "needs 'messages'"),
+    ([{"messages": "hi"}], "non-empty list"),
+    ([{"messages": [{"role": "user"}]}], "'role' and 'content'"),
+    ([{"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}]}], "must be a string"),
+    ([{"prompt": 1, "completion": "x"}], "must be strings"),
+    ([{"messages": CONVO}, {"prompt": "a", "completion": "b"}], "mix"),
+])
+def test_bad_rows_name_the_problem(rows, message):
+    with pytest.raises(ValueError, match=message):
+        data.validate_rows(rows)
+
+
+def test_sft_dataset_keeps_only_training_columns():
+    from labhelpers.tasks import load_split
+
+    ds = data.sft_dataset(load_split("code", "train", 4))
+    assert ds.column_names == ["messages"]
+    ds = data.sft_dataset(load_split("arithmetic", "train", 4).remove_columns("messages"))
+    assert ds.column_names == ["prompt", "completion"]
+
+
+def test_trl_sees_generation_markers_and_a_trained_stop_token(tokenizer):
+    from trl.chat_template_utils import has_generation_markers, is_chat_template_stop_token_trained
+
+    assert has_generation_markers(tokenizer.chat_template)
+    assert is_chat_template_stop_token_trained(tokenizer)

@@ -1,0 +1,35 @@
+import pytest
+import torch
+
+from labhelpers.evaluation import evaluate_task, generate, perplexity, prompt_text, token_blocks
+from labhelpers.tasks import load_split
+
+
+def test_generation_is_greedy_and_batch_independent(base):
+    model, tokenizer = base
+    prompts = ["3 + 4 =", "9 * 9 =", "def sum_even(xs):\n"]
+    batched = generate(model, tokenizer, prompts, max_new_tokens=6, batch_size=3)
+    single = [generate(model, tokenizer, [p], max_new_tokens=6)[0] for p in prompts]
+    assert batched == single
+    assert batched == generate(model, tokenizer, prompts, max_new_tokens=6)
+
+
+def test_chat_prompts_end_with_the_generation_prompt(tokenizer):
+    row = load_split("code", "test", 1)[0]
+    text = prompt_text(row, tokenizer, "chat")
+    assert text.endswith("<|assistant|>\n") and row["messages"][-1]["content"] not in text
+
+
+def test_evaluate_task_returns_a_scored_frame(base):
+    model, tokenizer = base
+    df = evaluate_task(model, tokenizer, "arithmetic", "test", n=16)
+    assert list(df.columns) == ["id", "prompt", "reference", "completion", "correct", "composition"]
+    assert len(df) == 16 and df["correct"].dtype == bool
+
+
+def test_perplexity_and_blocks(base):
+    model, tokenizer = base
+    assert perplexity(model, tokenizer, ["1 + 1 = 2\n2 + 2 = 4"] * 40, seq_len=32) < 50
+    with pytest.raises(ValueError, match="fewer than one block"):
+        token_blocks(["hi"], tokenizer, 512)
+    assert token_blocks(["1 + 1 = 2"] * 10, tokenizer, 8).dtype == torch.long

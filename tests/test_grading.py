@@ -1,0 +1,63 @@
+"""nbgrader round trip: the solution autogrades to full marks, the untouched release to zero."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from labhelpers import grading
+from labhelpers.paths import REPO_ROOT
+from labhelpers.runner import discover
+
+FIXTURES = Path(__file__).parent / "fixtures"
+SOLUTION_LABS = [p.stem for p in discover(REPO_ROOT / "solutions")]
+
+
+def _check_round_trip(scores: dict) -> None:
+    solution, blank = scores["solution"], scores["blank"]
+    assert solution["max_score"] > 0
+    assert solution["score"] == solution["max_score"], solution["cells"]
+    assert blank["score"] == 0, blank["cells"]
+
+
+@pytest.mark.slow
+def test_round_trip_on_the_fixture_lab(tmp_path):
+    _check_round_trip(grading.round_trip(tmp_path, "demo_lab", source=FIXTURES))
+    released = (tmp_path / "labs" / "demo_lab" / "demo_lab.ipynb").read_text()
+    assert "BEGIN HIDDEN TESTS" not in released and "### BEGIN SOLUTION" not in released
+    assert "raise NotImplementedError()" in released
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lab", SOLUTION_LABS or [None], ids=lambda lab: lab or "no-labs-yet")
+def test_round_trip_on_every_lab(lab, tmp_path):
+    if lab is None:  # nothing to grade yet: then nothing may have been released either
+        assert not list((REPO_ROOT / "labs").glob("*/*.ipynb"))
+        return
+    # the papermill run already asserts the lab's effects; grading runs it in the smallest profile
+    _check_round_trip(grading.round_trip(tmp_path, lab, env={"SFTLABS_PROFILE": "smoke"}))
+
+
+def _cells(notebook: Path) -> list[tuple]:
+    nb = json.loads(notebook.read_text())
+    return [(c["cell_type"], "".join(c["source"]), json.dumps(c["metadata"].get("nbgrader"), sort_keys=True))
+            for c in nb["cells"]]
+
+
+def test_released_labs_are_up_to_date(tmp_path):
+    released = sorted(p.name for p in (REPO_ROOT / "labs").iterdir() if p.is_dir()) if (REPO_ROOT / "labs").exists() else []
+    assert released == sorted(SOLUTION_LABS), "labs/ and solutions/ hold different labs; run make release"
+    if not SOLUTION_LABS:
+        return
+    course = grading.scratch_course(tmp_path, SOLUTION_LABS)
+    for fresh in grading.release(course):
+        committed = REPO_ROOT / "labs" / fresh.parent.name / fresh.name
+        assert _cells(fresh) == _cells(committed), f"{committed} is out of date; run make release"
+
+
+def test_hidden_tests_never_released():
+    for notebook in (REPO_ROOT / "labs").glob("*/*.ipynb"):
+        text = notebook.read_text()
+        assert "BEGIN HIDDEN TESTS" not in text and "BEGIN SOLUTION" not in text, notebook

@@ -1,0 +1,72 @@
+"""The shipped base model: reloads offline, manifest honest, a real language model; loaders' errors."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from labhelpers import models
+from labhelpers.evaluation import evaluate_task, perplexity
+from labhelpers.paths import base_model_dir
+from labhelpers.tasks import read_jsonl
+from labhelpers.paths import data_dir
+
+
+def test_reloads_offline_in_a_fresh_process():
+    code = ("from labhelpers import profiles, models\n"
+            "m, t = models.load_model(profiles.get('ci'))\n"
+            "print(type(m).__name__, t.chat_template is not None)")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": "/nonexistent"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "LlamaForCausalLM True" in out.stdout
+
+
+def test_manifest_hashes_match_files():
+    folder = base_model_dir("tiny")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["sha256"], "manifest lists no files"
+    for name, digest in manifest["sha256"].items():
+        assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == digest, name
+    assert (folder / "model.safetensors").exists() and not list(folder.glob("*.bin"))
+
+
+def test_is_a_real_language_model(base):
+    model, tokenizer = base
+    manifest = json.loads((base_model_dir("tiny") / "manifest.json").read_text())
+    heldout = [d["text"] for d in read_jsonl(data_dir() / "corpus" / "heldout.jsonl")][:200]
+    ppl = perplexity(model, tokenizer, heldout)
+    assert ppl < manifest["uniform_perplexity"] / 20
+    assert ppl == pytest.approx(perplexity(model, tokenizer, heldout))  # deterministic
+
+
+def test_base_has_the_general_skill_but_not_the_tasks(base):
+    model, tokenizer = base
+    assert evaluate_task(model, tokenizer, "arithmetic", "test")["correct"].mean() >= 0.9
+
+
+def test_nf4_loading_with_double_quantization(ci_profile):
+    import bitsandbytes as bnb
+
+    model, _ = models.load_model(ci_profile, quantization="nf4")
+    linear4 = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert linear4 and linear4[0].weight.quant_state.nested  # double quantization on
+    ids = torch.tensor([[5, 6, 7]])
+    assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+def test_loader_errors(ci_profile, tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="unknown quantization 'nf3'"):
+        models.quantization_config("nf3", torch.float32)
+    monkeypatch.setenv("SFTLABS_DATA", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="make base-model"):
+        models.model_source("tiny")
+
+
+def test_count_parameters(base):
+    counts = models.count_parameters(base[0])
+    assert counts["total"] == sum(p.numel() for p in base[0].parameters())

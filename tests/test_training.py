@@ -1,0 +1,101 @@
+"""Acceptance: a ci-profile LoRA SFT run lifts the base model's pass@1 and SQL accuracy clearly.
+
+The measured numbers are written to ``build/test-results/acceptance.json`` for the record.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from labhelpers.evaluation import evaluate_task
+from labhelpers.models import load_model
+from labhelpers.paths import build_dir
+from labhelpers.peft_methods import peft_config
+from labhelpers.tasks import load_split
+from labhelpers.training import train_sft
+
+RECORD: dict = {}
+
+
+def _record(**values) -> None:
+    RECORD.update(values)
+    path = build_dir() / "test-results" / "acceptance.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(RECORD, indent=2, sort_keys=True) + "\n")
+
+
+def _score(model, tokenizer, task, split, profile) -> float:
+    return float(evaluate_task(model, tokenizer, task, split, profile.n_eval, profile.eval_batch_size)["correct"].mean())
+
+
+@pytest.fixture(scope="module")
+def base_scores(base, ci_profile):
+    model, tokenizer = base
+    scores = {"code_test": _score(model, tokenizer, "code", "test", ci_profile),
+              "code_heldout": _score(model, tokenizer, "code", "heldout", ci_profile),
+              "sql_test": _score(model, tokenizer, "sql", "test", ci_profile),
+              "arithmetic_test": _score(model, tokenizer, "arithmetic", "test", ci_profile)}
+    _record(base=scores)
+    return scores
+
+
+def _lora_run(task: str, profile):
+    model, tokenizer = load_model(profile)
+    result = train_sft(model, tokenizer, load_split(task, "train"), profile, peft_config=peft_config("lora", profile))
+    return result, tokenizer
+
+
+@pytest.fixture(scope="module")
+def code_run(ci_profile):
+    return _lora_run("code", ci_profile)
+
+
+@pytest.fixture(scope="module")
+def sql_run(ci_profile):
+    return _lora_run("sql", ci_profile)
+
+
+@pytest.mark.slow
+def test_lora_lifts_code_pass_at_1(code_run, base_scores, ci_profile):
+    result, tokenizer = code_run
+    test = _score(result.model, tokenizer, "code", "test", ci_profile)
+    heldout = _score(result.model, tokenizer, "code", "heldout", ci_profile)
+    _record(code_lora={"test_pass_at_1": test, "heldout_pass_at_1": heldout, **result.summary(),
+                       "steps": result.steps})
+    assert result.steps == ci_profile.max_steps
+    assert result.trainable_params < 0.05 * result.total_params
+    assert result.final_loss < result.loss_curve["loss"].iloc[:5].mean() / 4
+    assert base_scores["code_test"] <= 0.2
+    assert test >= 0.5 and test >= base_scores["code_test"] + 0.4
+    assert heldout > base_scores["code_heldout"]
+
+
+@pytest.mark.slow
+def test_lora_lifts_sql_execution_accuracy(sql_run, base_scores, ci_profile):
+    result, tokenizer = sql_run
+    test = _score(result.model, tokenizer, "sql", "test", ci_profile)
+    _record(sql_lora={"test_execution_accuracy": test, **result.summary(), "steps": result.steps})
+    assert base_scores["sql_test"] <= 0.2
+    assert test >= 0.5 and test >= base_scores["sql_test"] + 0.4
+
+
+@pytest.mark.slow
+def test_training_is_deterministic(ci_profile):
+    profile = ci_profile.with_(max_steps=5)
+    curves = []
+    for _ in range(2):
+        model, tokenizer = load_model(profile)
+        result = train_sft(model, tokenizer, load_split("sql", "train", 200), profile,
+                           peft_config=peft_config("lora", profile))
+        curves.append(result.loss_curve["loss"].tolist())
+    assert curves[0] == pytest.approx(curves[1], rel=1e-5)
+
+
+def test_train_sft_rejects_bad_data(ci_profile):
+    from datasets import Dataset
+
+    model, tokenizer = load_model(ci_profile)
+    with pytest.raises(ValueError, match="row 0"):
+        train_sft(model, tokenizer, Dataset.from_list([{"text": "no schema"}]), ci_profile)

@@ -7,7 +7,9 @@ Every document is generated from a seeded grammar:
   task's spec wording, and never a held-out composition), plus small generic helpers;
 * **sql** queries over a *shop* schema (products, orders), so SQL syntax is known but the task's
   ``employees`` schema is not;
-* **prose**: short sentences about people, places and things.
+* **prose**: short sentences about people, places and things;
+* **office** prose about a company's staff (departments, cities, ages, salaries), so the words of the
+  SQL task are known to the base, though never as SQL over an ``employees`` table.
 
 Held-out documents (``heldout.jsonl``) measure perplexity; they never enter pretraining.
 """
@@ -22,7 +24,7 @@ from labhelpers.tasks.base import write_jsonl
 
 N_DOCUMENTS = 24000
 HELDOUT_DOCUMENTS = 600
-MIX = {"arithmetic": 0.3, "python": 0.3, "sql": 0.2, "prose": 0.2}
+MIX = {"arithmetic": 0.25, "python": 0.25, "sql": 0.2, "prose": 0.1, "office": 0.2}
 
 NAMES = ("Ana", "Ben", "Cara", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jon", "Kim", "Lea")
 PLACES = ("the market", "the park", "the library", "the station", "the garden", "the office")
@@ -70,6 +72,11 @@ def sql_doc(rng: random.Random) -> str:
         (f"-- total quantity ordered of {cat}",
          f"SELECT SUM(quantity) FROM orders WHERE category = '{cat}';"),
         (f"-- cheapest stock in {cat}", f"SELECT MIN(stock) FROM products WHERE category = '{cat}';"),
+        (f"-- products cheaper than {price}", f"SELECT name FROM products WHERE price < {price};"),
+        (f"-- count of orders with more than {price % 20 + 2} items",
+         f"SELECT COUNT(*) FROM orders WHERE quantity > {price % 20 + 2};"),
+        (f"-- lowest price of {cat}", f"SELECT MIN(price) FROM products WHERE category = '{cat}';"),
+        (f"-- total stock in {cat}", f"SELECT SUM(stock) FROM products WHERE category = '{cat}';"),
     ]
     return "\n".join(f"{c}\n{q}" for c, q in rng.sample(options, rng.randint(1, 3)))
 
@@ -82,7 +89,29 @@ def prose_doc(rng: random.Random) -> str:
     return " ".join(sentences)
 
 
-GENERATORS = {"arithmetic": arithmetic_doc, "python": python_doc, "sql": sql_doc, "prose": prose_doc}
+def office_doc(rng: random.Random) -> str:
+    from labhelpers.tasks.sql import CITIES, DEPARTMENTS, FIRST_NAMES
+
+    dept, city = rng.choice(DEPARTMENTS), rng.choice(CITIES)
+    age, salary, n = rng.randint(21, 65), rng.randrange(25000, 130001, 500), rng.randint(2, 40)
+    name = f"{rng.choice(FIRST_NAMES)} {chr(65 + rng.randrange(26))}."
+    options = [
+        f"{name} works in the {dept} department and is based in {city}.",
+        f"{name} is {age} years old and earns {salary} a year.",
+        f"The {dept} department has {n} employees.",
+        f"{n} employees are based in {city}.",
+        f"{n} employees are older than {age}, and {n // 2 + 1} are younger than {age}.",
+        f"{n} employees earn more than {salary}; some earn less than {salary}.",
+        f"The average salary in {city} is {salary}.",
+        f"The highest salary in {dept} is {salary}, the lowest age there is {age}.",
+        f"The total salary of the {dept} team is {salary * n}.",
+        f"The names of the {dept} staff are listed in the report from {city}.",
+    ]
+    return " ".join(rng.sample(options, rng.randint(2, 4)))
+
+
+GENERATORS = {"arithmetic": arithmetic_doc, "python": python_doc, "sql": sql_doc, "prose": prose_doc,
+              "office": office_doc}
 
 
 def documents(n: int, seed: int) -> list[dict]:

@@ -1,12 +1,16 @@
-"""PEFT methods looked up by name: one registry entry per method, configured from a profile.
+"""Fine-tuning methods looked up by name, so Lab 1 can compare them side by side.
 
-``peft_config("lora", profile)`` returns the ``peft`` config that :func:`labhelpers.training.train_sft`
-wraps the model with; ``"full"`` means full fine-tuning (no config). Lab 1 compares them side by side.
+Each :class:`Method` says how to load the base (full precision or 4-bit NF4), how to prepare it
+(freeze, quantization-aware prep, adapters) and which ``peft`` config, learning rate and callbacks
+:func:`labhelpers.training.train_sft` should use. A new method is one entry in ``METHODS``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
+
+from transformers import TrainerCallback
 
 from labhelpers.profiles import Profile
 
@@ -17,13 +21,24 @@ def _lora(profile: Profile, **overrides):
     fields = dict(r=profile.lora_r, lora_alpha=profile.lora_alpha, lora_dropout=profile.lora_dropout,
                   target_modules=list(profile.target_modules), task_type="CAUSAL_LM")
     fields.update(overrides)
-    if fields["r"] <= 0:
-        raise ValueError(f"LoRA rank r must be a positive integer, got {fields['r']}")
+    if not isinstance(fields["r"], int) or fields["r"] <= 0:
+        raise ValueError(f"LoRA rank r must be a positive integer, got {fields['r']!r}")
     return LoraConfig(**fields)
 
 
 def _dora(profile: Profile, **overrides):
     return _lora(profile, use_dora=True, **overrides)
+
+
+def _adalora(profile: Profile, **overrides):
+    from peft import AdaLoraConfig
+
+    steps = overrides.pop("total_step", profile.max_steps)
+    fields = dict(init_r=2 * profile.lora_r, target_r=profile.lora_r, lora_alpha=profile.lora_alpha,
+                  target_modules=list(profile.target_modules), total_step=steps, tinit=steps // 10,
+                  tfinal=steps // 5, deltaT=max(1, steps // 20), task_type="CAUSAL_LM")
+    fields.update(overrides)
+    return AdaLoraConfig(**fields)
 
 
 def _ia3(profile: Profile, **overrides):
@@ -35,16 +50,93 @@ def _ia3(profile: Profile, **overrides):
     return IA3Config(**fields)
 
 
-METHODS: dict[str, Callable[..., object]] = {
-    "full": lambda profile, **overrides: None,
-    "lora": _lora,
-    "dora": _dora,
-    "ia3": _ia3,
-}
+class AdaLoraAllocator(TrainerCallback):
+    """AdaLoRA re-allocates rank from gradient-based importance: ``update_and_allocate`` must run after
+    every optimizer step, while gradients still exist (peft's documented training loop)."""
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        model.base_model.update_and_allocate(state.global_step)
+
+
+@dataclass(frozen=True)
+class Method:
+    """How one fine-tuning method is set up.
+
+    ``config``: ``(profile, **overrides) -> peft config`` (None: no peft wrapping).
+    ``quantization``: how the base is loaded (``"nf4"`` for QLoRA).
+    ``lr``: ``profile -> learning rate`` (full fine-tuning uses a smaller one).
+    ``needs_adapter_class``: the bottleneck adapter is built from the student's class.
+    """
+
+    name: str
+    description: str
+    config: Callable[..., object] | None = None
+    quantization: str | None = None
+    lr: Callable[[Profile], float] = lambda p: p.learning_rate
+    needs_adapter_class: bool = False
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("full", "all weights trained", None, lr=lambda p: p.full_ft_learning_rate),
+    Method("lora", "low-rank update B·A on attention and MLP projections", _lora),
+    Method("qlora", "LoRA on a 4-bit NF4 base with double quantization", _lora, quantization="nf4"),
+    Method("dora", "LoRA with a learned magnitude per output (weight-decomposed)", _dora),
+    Method("adalora", "LoRA whose rank budget is re-allocated by importance", _adalora),
+    Method("ia3", "learned rescaling vectors on keys, values and MLP activations", _ia3,
+           lr=lambda p: 10 * p.learning_rate),
+    Method("bottleneck", "bottleneck adapters after every MLP (ours; peft has none)", None,
+           needs_adapter_class=True),
+)}
+
+
+def get_method(name: str) -> Method:
+    """The method called ``name``; an unknown name lists the valid ones."""
+    if name not in METHODS:
+        raise ValueError(f"unknown PEFT method {name!r}; valid methods: {', '.join(METHODS)}")
+    return METHODS[name]
 
 
 def peft_config(method: str, profile: Profile, **overrides):
-    """The ``peft`` config of ``method`` for ``profile`` (None for ``full``); unknown names list the valid ones."""
-    if method not in METHODS:
-        raise ValueError(f"unknown PEFT method {method!r}; valid methods: {', '.join(METHODS)}")
-    return METHODS[method](profile, **overrides)
+    """The ``peft`` config of ``method`` for ``profile`` (None for ``full`` and ``bottleneck``)."""
+    entry = get_method(method)
+    return entry.config(profile, **overrides) if entry.config else None
+
+
+def prepare(method: str, profile: Profile, adapter_cls=None, bottleneck: int = 16, **overrides) -> dict:
+    """Load the base for ``method`` and set it up; returns the keyword arguments of ``train_sft``
+    (``model``, ``tokenizer``, ``peft_config``, ``learning_rate``)."""
+    from labhelpers.adapters import add_adapters
+    from labhelpers.models import load_model
+
+    entry = get_method(method)
+    if entry.needs_adapter_class and adapter_cls is None:
+        raise ValueError(f"method {method!r} needs adapter_cls=<your bottleneck adapter class>")
+    model, tokenizer = load_model(profile, quantization=entry.quantization)
+    if entry.quantization:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=profile.gradient_checkpointing)
+    if entry.needs_adapter_class:
+        add_adapters(model, adapter_cls, bottleneck)
+    config = peft_config(method, profile, **overrides)
+    if config is not None:
+        check_target_modules(model, config.target_modules)
+    return {"model": model, "tokenizer": tokenizer, "peft_config": config, "learning_rate": entry.lr(profile)}
+
+
+def check_target_modules(model, targets) -> None:
+    """Raise ValueError naming the targets that match no ``nn.Linear`` of ``model``, and the valid names."""
+    from torch import nn
+
+    names = {name.split(".")[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    names |= {name.split(".")[-1] for name, m in model.named_modules() if type(m).__name__.startswith("Linear")}
+    missing = sorted(set(targets) - names)
+    if missing:
+        raise ValueError(f"target modules {missing} are not in the model; valid linear layers: {sorted(names)}")
+
+
+def callbacks_for(peft_config) -> list[TrainerCallback]:
+    """Training callbacks a peft config needs (AdaLoRA's rank allocator)."""
+    from peft import AdaLoraConfig
+
+    return [AdaLoraAllocator()] if isinstance(peft_config, AdaLoraConfig) else []

@@ -164,7 +164,27 @@ def run_python(code: str, tests: Sequence[str] = (), timeout_s: float = 5.0, mem
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL the run's process group (with ``--kill-child`` this also ends its PID namespace)."""
+    """Kill everything the run started, leaving no process and no zombie behind.
+
+    The descendants die first, so that ``unshare`` (when used) reaps its child, the PID namespace's
+    init, whose death takes every other process of the namespace with it; then the whole process
+    group gets SIGKILL for anything that escaped.
+    """
+    import psutil
+
+    try:
+        descendants = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        descendants = []
+    for child in descendants:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    try:
+        proc.wait(timeout=2)
+    except subprocess.TimeoutExpired:
+        pass
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):

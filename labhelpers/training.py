@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 import torch
-from transformers import TrainerCallback
+from tqdm.auto import tqdm
+from transformers import PrinterCallback, TrainerCallback
 
 from labhelpers.data import sft_dataset
 from labhelpers.memory import measure_peak_memory
@@ -51,22 +52,33 @@ class TrainResult:
 
 
 class _Recorder(TrainerCallback):
-    """Records the logged loss of every step and the wall time of each optimizer step."""
+    """Records the logged loss of every step and the wall time of each optimizer step, and shows one
+    progress bar with the current loss (instead of the Trainer's per-step log lines)."""
 
-    def __init__(self) -> None:
+    def __init__(self, desc: str) -> None:
         self.losses: list[tuple[int, float]] = []
         self.step_seconds: list[float] = []
         self._t0 = 0.0
+        self._desc = desc
+        self._bar = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._bar = tqdm(total=state.max_steps, desc=self._desc, unit="step")
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._t0 = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
         self.step_seconds.append(time.perf_counter() - self._t0)
+        self._bar.update(1)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
             self.losses.append((state.global_step, float(logs["loss"])))
+            self._bar.set_postfix(loss=f"{float(logs['loss']):.4f}", refresh=False)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._bar.close()
 
 
 def sft_config(profile: Profile, dataset_format: str, output_dir: str, **overrides):
@@ -81,7 +93,7 @@ def sft_config(profile: Profile, dataset_format: str, output_dir: str, **overrid
         max_length=profile.max_seq_length, gradient_checkpointing=profile.gradient_checkpointing,
         use_cpu=profile.device == "cpu", bf16=profile.dtype == "bfloat16", fp16=profile.dtype == "float16",
         assistant_only_loss=dataset_format == "chat", completion_only_loss=dataset_format == "completion",
-        dataloader_num_workers=0, disable_tqdm=False,
+        dataloader_num_workers=0, disable_tqdm=True,
     )
     fields.update(overrides)
     return SFTConfig(**fields)
@@ -101,14 +113,16 @@ def train_sft(model, tokenizer, dataset, profile: Profile, peft_config=None, cal
     from trl import SFTTrainer
 
     from labhelpers.data import validate_rows
+    from labhelpers.peft_methods import callbacks_for
 
     fmt = validate_rows(dataset)
-    recorder = _Recorder()
+    recorder = _Recorder(desc="fine-tune" if peft_config is None else f"fine-tune ({type(peft_config).__name__})")
     with tempfile.TemporaryDirectory(prefix="sftlabs-train-") as out:
         torch.manual_seed(profile.seed)
         trainer = SFTTrainer(model=model, args=sft_config(profile, fmt, out, **overrides),
                              train_dataset=sft_dataset(dataset), processing_class=tokenizer,
-                             peft_config=peft_config, callbacks=[recorder, *callbacks])
+                             peft_config=peft_config, callbacks=[recorder, *callbacks_for(peft_config), *callbacks])
+        trainer.remove_callback(PrinterCallback)  # the recorder's progress bar replaces per-step log lines
         counts = count_parameters(trainer.model)
         start = time.perf_counter()
         with measure_peak_memory(profile.device) as peak:

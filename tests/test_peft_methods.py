@@ -9,7 +9,9 @@ def test_registry_configs(ci_profile):
     assert lora.r == ci_profile.lora_r and set(lora.target_modules) == set(ci_profile.target_modules)
     assert peft_config("dora", ci_profile).use_dora
     assert peft_config("lora", ci_profile, r=4).r == 4
-    assert set(METHODS) >= {"full", "lora", "dora", "ia3"}
+    assert set(METHODS) == {"full", "lora", "qlora", "dora", "adalora", "ia3", "bottleneck"}
+    assert peft_config("adalora", ci_profile).total_step == ci_profile.max_steps
+    assert peft_config("bottleneck", ci_profile) is None
 
 
 def test_errors_name_the_problem(ci_profile):
@@ -17,3 +19,38 @@ def test_errors_name_the_problem(ci_profile):
         peft_config("lorax", ci_profile)
     with pytest.raises(ValueError, match="positive"):
         peft_config("lora", ci_profile, r=0)
+
+
+def test_target_module_not_in_model(base):
+    from labhelpers.peft_methods import check_target_modules
+
+    check_target_modules(base[0], ["q_proj", "down_proj"])
+    with pytest.raises(ValueError, match=r"\['query'\] are not in the model; valid linear layers"):
+        check_target_modules(base[0], ["q_proj", "query"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["full", "lora", "qlora", "dora", "adalora", "ia3", "bottleneck"])
+def test_every_method_trains(method, ci_profile):
+    import math
+
+    from labhelpers.peft_methods import prepare
+    from labhelpers.tasks import load_split
+    from labhelpers.training import train_sft
+    from reference_solutions import BottleneckAdapter
+
+    profile = ci_profile.with_(max_steps=4)
+    setup = prepare(method, profile, adapter_cls=BottleneckAdapter, bottleneck=8)
+    result = train_sft(dataset=load_split("code", "train", 64), profile=profile, **setup)
+    assert result.steps == 4 and all(math.isfinite(x) for x in result.loss_curve["loss"])
+    if method == "full":
+        assert result.trainable_params == result.total_params
+    else:
+        assert 0 < result.trainable_params < 0.2 * result.total_params
+
+
+def test_bottleneck_needs_the_adapter_class(ci_profile):
+    from labhelpers.peft_methods import prepare
+
+    with pytest.raises(ValueError, match="adapter_cls"):
+        prepare("bottleneck", ci_profile)

@@ -44,11 +44,11 @@ FILTERS = {  # name -> (question suffix, WHERE clause), {x} is the value
 }
 FILTER_VALUES = {
     "dept": DEPARTMENTS, "city": CITIES,
-    "older": tuple(range(25, 61, 5)), "younger": tuple(range(25, 61, 5)),
-    "earn_more": tuple(range(30000, 120001, 10000)), "earn_less": tuple(range(30000, 120001, 10000)),
+    "older": tuple(range(22, 64, 2)), "younger": tuple(range(22, 64, 2)),
+    "earn_more": tuple(range(30000, 125001, 5000)), "earn_less": tuple(range(30000, 125001, 5000)),
 }
-SPLIT_SIZES = {"train": 188, "validation": 20, "test": 80}  # all 288 unique problems
-TRAIN_REPEATS = 4  # each train problem appears four times (752 train rows)
+SPLIT_SIZES = {"train": 400, "validation": 34, "test": 130}  # all 564 unique problems
+TRAIN_REPEATS = 2  # each train problem appears twice (800 train rows)
 
 
 def database_rows(seed: int = DB_SEED) -> list[tuple]:

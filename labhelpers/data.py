@@ -5,6 +5,9 @@ Two row formats are accepted, matching TRL's ``SFTTrainer``:
 * conversational: ``{"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}``, trained with
   the loss on assistant tokens only;
 * prompt/completion: ``{"prompt": str, "completion": str}``, trained on the completion only.
+
+Packing (several examples per row, no padding) is TRL's: ``train_sft(..., packing=True,
+padding_free=True)`` passes both to ``SFTConfig``; the assistant-only mask survives it.
 """
 
 from __future__ import annotations

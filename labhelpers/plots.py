@@ -45,3 +45,30 @@ def save(fig, path) -> None:
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, bbox_inches="tight")
+
+
+def lines(df: pd.DataFrame, x: str, ys: list[str], title: str, xlabel: str, ylabel: str, logy: bool = False):
+    """One line per column in ``ys`` against ``x``."""
+    use_style()
+    fig, ax = plt.subplots()
+    for y in ys:
+        ax.plot(df[x], df[y], marker="o", label=y)
+    if logy:
+        ax.set_yscale("log")
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def bar_grid(df: pd.DataFrame, x: str, panels: Mapping[str, str], title: str):
+    """Small multiples: one bar chart per ``{column: y-axis label}`` of ``panels``."""
+    use_style()
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4))
+    for ax, (column, label) in zip(axes, panels.items()):
+        ax.bar(df[x].astype(str), df[column])
+        ax.set(title=column, ylabel=label)
+        ax.tick_params(axis="x", rotation=60)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

@@ -16,9 +16,13 @@ from labhelpers.tasks import read_jsonl
 from labhelpers.paths import data_dir
 
 
-def test_reloads_offline_in_a_fresh_process():
+SHIPPED_SIZES = ("tiny",)  # `small` (for Lab 2's size sweep) is built by `make base-model SIZE=small`
+
+
+@pytest.mark.parametrize("size", SHIPPED_SIZES)
+def test_reloads_offline_in_a_fresh_process(size):
     code = ("from labhelpers import profiles, models\n"
-            "m, t = models.load_model(profiles.get('ci'))\n"
+            f"m, t = models.load_model(profiles.get('ci'), name={size!r})\n"
             "print(type(m).__name__, t.chat_template is not None)")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": "/nonexistent"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
@@ -26,13 +30,17 @@ def test_reloads_offline_in_a_fresh_process():
     assert "LlamaForCausalLM True" in out.stdout
 
 
-def test_manifest_hashes_match_files():
-    folder = base_model_dir("tiny")
+@pytest.mark.parametrize("size", SHIPPED_SIZES)
+def test_manifest_hashes_match_files(size):
+    folder = base_model_dir(size)
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["sha256"], "manifest lists no files"
     for name, digest in manifest["sha256"].items():
         assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == digest, name
     assert (folder / "model.safetensors").exists() and not list(folder.glob("*.bin"))
+    assert manifest["model_size"] == size
+    assert manifest["heldout_perplexity"] < manifest["uniform_perplexity"] / 20
+    assert manifest["arithmetic_test_accuracy"] >= 0.9
 
 
 def test_is_a_real_language_model(base):

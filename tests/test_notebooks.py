@@ -23,7 +23,22 @@ def _demo(metrics: dict) -> None:
     assert metrics["mean"] == pytest.approx(3.0)
 
 
-EFFECTS: dict[str, Callable[[dict], None]] = {"demo_lab": _demo}
+QLORA_MARGIN = 0.15  # QLoRA may trail LoRA by at most this much pass@1 at the same budget
+
+
+def _lab1(m: dict) -> None:
+    assert m["profile"] == "ci"
+    assert m["lora_pass_at_1"] >= 0.5 and m["lora_pass_at_1"] >= m["base_pass_at_1"] + 0.4
+    assert m["qlora_pass_at_1"] >= m["lora_pass_at_1"] - QLORA_MARGIN
+    assert m["lora_trainable_pct"] < 5 and m["full_trainable_pct"] == 100
+    assert m["lora_saved_mib"] < m["full_saved_mib"] / 5
+    assert m["reload_max_abs_diff"] < 1e-5 and m["merge_max_abs_diff"] < 1e-3
+    assert m["merged_lora_pass_at_1"] >= m["lora_pass_at_1"] - 0.05
+    for method in ("full", "dora", "adalora", "ia3", "bottleneck"):
+        assert m[f"{method}_pass_at_1"] > m["base_pass_at_1"], method
+
+
+EFFECTS: dict[str, Callable[[dict], None]] = {"demo_lab": _demo, "lab1_peft": _lab1}
 NOTEBOOKS = discover(FIXTURES) + discover(REPO_ROOT / "solutions")
 
 

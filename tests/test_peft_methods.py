@@ -54,3 +54,19 @@ def test_bottleneck_needs_the_adapter_class(ci_profile):
 
     with pytest.raises(ValueError, match="adapter_cls"):
         prepare("bottleneck", ci_profile)
+
+
+@pytest.mark.slow
+def test_compare_methods_measures_every_column(ci_profile):
+    from labhelpers.peft_methods import compare_methods
+    from reference_solutions import BottleneckAdapter
+
+    profile = ci_profile.with_(max_steps=3, n_eval=8, eval_batch_size=8)
+    df = compare_methods(["full", "lora", "bottleneck"], profile, adapter_cls=BottleneckAdapter, bottleneck=8)
+    assert list(df["method"]) == ["full", "lora", "bottleneck"]
+    for column in ("trainable_params", "trainable_pct", "peak_mib", "sec_per_step", "final_train_loss",
+                   "score_test", "score_heldout", "saved_mib"):
+        assert df[column].notna().all(), column
+    full, lora, adapter = df.to_dict("records")
+    assert full["trainable_pct"] == 100 and lora["trainable_pct"] < 5
+    assert lora["saved_mib"] < full["saved_mib"] / 10 and adapter["saved_mib"] < full["saved_mib"] / 10

@@ -99,3 +99,14 @@ def test_train_sft_rejects_bad_data(ci_profile):
     model, tokenizer = load_model(ci_profile)
     with pytest.raises(ValueError, match="row 0"):
         train_sft(model, tokenizer, Dataset.from_list([{"text": "no schema"}]), ci_profile)
+
+
+@pytest.mark.slow
+def test_packed_padding_free_training_runs(ci_profile):
+    import math
+
+    profile = ci_profile.with_(max_steps=3)
+    model, tokenizer = load_model(profile)
+    result = train_sft(model, tokenizer, load_split("code", "train", 64), profile,
+                       peft_config=peft_config("lora", profile), packing=True, padding_free=True)
+    assert result.steps == 3 and all(math.isfinite(x) for x in result.loss_curve["loss"])

@@ -28,7 +28,10 @@ class WithAdapter(nn.Module):
         self.adapter = adapter
 
     def forward(self, *args, **kwargs):
-        return self.adapter(self.sublayer(*args, **kwargs))
+        out = self.sublayer(*args, **kwargs)
+        # adapters train in fp32 (fp16 mixed precision cannot unscale fp16 gradients); cast around them
+        dtype = next(self.adapter.parameters()).dtype
+        return self.adapter(out.to(dtype)).to(out.dtype)
 
 
 def _mlp_slots(model: nn.Module) -> list[tuple[nn.Module, str]]:
@@ -51,7 +54,7 @@ def add_adapters(model: nn.Module, adapter_cls, bottleneck: int) -> nn.Module:
     for parent, name in _mlp_slots(model):
         sublayer = getattr(parent, name)
         ref = next(sublayer.parameters())
-        adapter = adapter_cls(hidden, bottleneck).to(device=ref.device, dtype=torch.float32 if ref.dtype == torch.uint8 else ref.dtype)
+        adapter = adapter_cls(hidden, bottleneck).to(device=ref.device, dtype=torch.float32)
         setattr(parent, name, WithAdapter(sublayer, adapter))
     return model
 

@@ -41,11 +41,12 @@ def run_lab(notebook: Path, out: Path, profile: str, kernel: str = KERNEL, timeo
     from labhelpers.results import load_metrics
 
     lab = notebook.stem
+    out = Path(out).resolve()  # the kernel runs inside out/<lab>: a relative path would point elsewhere
     workdir = out / lab
     workdir.mkdir(parents=True, exist_ok=True)
     os.environ["SFTLABS_RESULTS"] = str(out)
     start = time.perf_counter()
-    papermill.execute_notebook(str(notebook), str(workdir / notebook.name), parameters={"PROFILE": profile},
+    papermill.execute_notebook(str(Path(notebook).resolve()), str(workdir / notebook.name), parameters={"PROFILE": profile},
                                kernel_name=kernel, cwd=str(workdir), progress_bar=False,
                                execution_timeout=timeout_s, request_save_on_cell_execute=False)
     seconds = time.perf_counter() - start

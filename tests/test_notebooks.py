@@ -60,3 +60,12 @@ def test_notebook_conventions(notebook):
     assert "".join(first["source"]).strip() == 'PROFILE = "auto"'
     assert all(not c.get("outputs") and c.get("execution_count") is None for c in code_cells), \
         "commit notebooks without outputs"
+
+
+@pytest.mark.slow
+def test_relative_output_folder(tmp_path, monkeypatch):
+    # `make labs` passes `--out build`: metrics must land there, not under the kernel's working dir
+    monkeypatch.chdir(tmp_path)
+    run = run_lab(FIXTURES / "demo_lab" / "demo_lab.ipynb", Path("build"), profile="ci")
+    assert run.metrics["profile"] == "ci"
+    assert (tmp_path / "build" / "demo_lab" / "metrics.json").exists()

@@ -22,7 +22,7 @@ export MPLBACKEND ?= Agg
 help:
 	@echo "make labs     run every lab headlessly (PROFILE=auto|ci|cpu|t4|gpu-24gb) into build/"
 	@echo "make test     unit tests, notebook runs (ci profile), nbgrader round trip"
-	@echo "make setup | data | base-model [SIZE=tiny|small] | release | jupyter | autograde LAB=... | feedback LAB=..."
+	@echo "make setup | data | base-model [SIZE=micro|tiny|small] | release | jupyter | autograde LAB=... | feedback LAB=..."
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)

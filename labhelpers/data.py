@@ -1,10 +1,14 @@
 """Training data: schema checks, chat formatting, assistant-only labels, and the columns TRL needs.
 
-Two row formats are accepted, matching TRL's ``SFTTrainer``:
+Four row formats are accepted, matching TRL's ``SFTTrainer``:
 
-* conversational: ``{"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}``, trained with
+* ``chat``: ``{"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}``, trained with
   the loss on assistant tokens only;
-* prompt/completion: ``{"prompt": str, "completion": str}``, trained on the completion only.
+* ``completion``: ``{"prompt": str, "completion": str}``, trained on the completion only;
+* ``text``: ``{"text": str}``, plain language modelling on every token (continued pretraining);
+* ``tokenized``: ``{"input_ids": [...], "labels": [...]}``, already tokenized with ``-100`` where no
+  loss is taken. :func:`tokenize_rows` turns rows of any other format into these, which is how
+  datasets of different formats are mixed (e.g. replaying pretraining text during SQL tuning).
 
 Packing (several examples per row, no padding) is TRL's: ``train_sft(..., packing=True,
 padding_free=True)`` passes both to ``SFTConfig``; the assistant-only mask survives it.
@@ -12,6 +16,7 @@ padding_free=True)`` passes both to ``SFTConfig``; the assistant-only mask survi
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterable
 
 from labhelpers.chat import require_chat_template, validate_messages
@@ -27,8 +32,27 @@ def row_format(row: dict) -> str:
         return "chat"
     if "prompt" in row and "completion" in row:
         return "completion"
-    raise ValueError(f"row has fields {sorted(row)}; it needs 'messages' (a chat) or both 'prompt' and "
-                     "'completion' (plain text); rename the fields or build rows with labhelpers.tasks")
+    if "input_ids" in row and "labels" in row:
+        return "tokenized"
+    if "text" in row:
+        return "text"
+    raise ValueError(f"row has fields {sorted(row)}; it needs 'messages' (a chat), both 'prompt' and "
+                     "'completion', 'text' (plain text), or 'input_ids' and 'labels' (tokenized); rename the "
+                     "fields or build rows with labhelpers.tasks")
+
+
+def _check_fields(row: dict, fmt: str) -> None:
+    if fmt == "chat":
+        validate_messages(row["messages"])
+    elif fmt == "completion":
+        if not isinstance(row["prompt"], str) or not isinstance(row["completion"], str):
+            raise ValueError("'prompt' and 'completion' must be strings")
+    elif fmt == "text":
+        if not isinstance(row["text"], str) or not row["text"]:
+            raise ValueError("'text' must be a non-empty string")
+    elif len(row["input_ids"]) != len(row["labels"]) or not row["input_ids"]:
+        raise ValueError(f"'input_ids' ({len(row['input_ids'])}) and 'labels' ({len(row['labels'])}) must be "
+                         "non-empty and of equal length")
 
 
 def validate_rows(rows: Iterable[dict]) -> str:
@@ -42,25 +66,26 @@ def validate_rows(rows: Iterable[dict]) -> str:
         n += 1
         try:
             fmt = row_format(row)
-            if fmt == "chat":
-                validate_messages(row["messages"])
-            elif not isinstance(row["prompt"], str) or not isinstance(row["completion"], str):
-                raise ValueError("'prompt' and 'completion' must be strings")
+            _check_fields(row, fmt)
         except ValueError as err:
             raise ValueError(f"row {i} (id={row.get('id', '?') if isinstance(row, dict) else '?'}): {err}") from None
         formats.add(fmt)
     if n == 0:
         raise ValueError("the dataset is empty; pass at least one training row")
     if len(formats) > 1:
-        raise ValueError("rows mix chat ('messages') and prompt/completion formats; convert them to one format")
+        raise ValueError(f"rows mix the formats {sorted(formats)}; convert them to one, e.g. with "
+                         "labhelpers.data.tokenize_rows (every format becomes 'tokenized')")
     return formats.pop()
 
 
 def sft_dataset(dataset):
     """Keep only the columns TRL trains on (``messages``, or ``prompt``+``completion``), after validation."""
     fmt = validate_rows(dataset)
-    keep = ["messages"] if fmt == "chat" else ["prompt", "completion"]
-    return dataset.select_columns(keep)
+    return dataset.select_columns(FORMAT_COLUMNS[fmt])
+
+
+FORMAT_COLUMNS = {"chat": ["messages"], "completion": ["prompt", "completion"], "text": ["text"],
+                  "tokenized": ["input_ids", "labels"]}
 
 
 def tokenize_chat(messages: list[dict], tokenizer, max_length: int) -> dict[str, list[int]]:
@@ -82,3 +107,74 @@ def tokenize_chat(messages: list[dict], tokenizer, max_length: int) -> dict[str,
                          "profile's max_seq_length or shorten the example")
     labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+
+
+def tokenize_completion(prompt: str, completion: str, tokenizer) -> dict[str, list[int]]:
+    """Ids of ``prompt + completion + eos`` with labels on the completion and eos only (as TRL does)."""
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return {"input_ids": prompt_ids + completion_ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + completion_ids}
+
+
+def tokenize_text(text: str, tokenizer) -> dict[str, list[int]]:
+    """Ids of ``text + eos`` (the pretraining format) with a loss on every token."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return {"input_ids": ids, "labels": list(ids)}
+
+
+def tokenize_rows(rows: Iterable[dict], tokenizer, max_length: int) -> list[dict[str, list[int]]]:
+    """Rows of any one or several formats as ``tokenized`` rows (``input_ids`` and ``labels``).
+
+    Chat rows keep the loss on assistant tokens, completion rows on the completion, text rows on
+    everything. Plain text longer than ``max_length`` is cut into consecutive pieces; a chat or
+    completion longer than that raises ValueError (cutting would drop the answer).
+    """
+    out = []
+    for i, row in enumerate(rows):
+        try:
+            fmt = row_format(row)
+            _check_fields(row, fmt)
+        except ValueError as err:
+            raise ValueError(f"row {i} (id={row.get('id', '?') if isinstance(row, dict) else '?'}): {err}") from None
+        if fmt == "tokenized":
+            pieces = [{"input_ids": list(row["input_ids"]), "labels": list(row["labels"])}]
+        elif fmt == "chat":
+            enc = tokenize_chat(row["messages"], tokenizer, max_length)
+            pieces = [{"input_ids": enc["input_ids"], "labels": enc["labels"]}]
+        elif fmt == "completion":
+            pieces = [tokenize_completion(row["prompt"], row["completion"], tokenizer)]
+        else:
+            enc = tokenize_text(row["text"], tokenizer)
+            pieces = [{k: v[s:s + max_length] for k, v in enc.items()} for s in range(0, len(enc["input_ids"]), max_length)]
+        for piece in pieces:
+            if len(piece["input_ids"]) > max_length:
+                raise ValueError(f"row {i} has {len(piece['input_ids'])} tokens, more than max_length={max_length}; "
+                                 "raise the profile's max_seq_length or shorten the example")
+        out += pieces
+    return out
+
+
+@dataclass
+class LabelCheck:
+    """Outcome of :func:`check_assistant_labels`: one row per conversation, ``passed`` when all match."""
+
+    passed: bool
+    rows: "pd.DataFrame"
+
+
+def check_assistant_labels(labels_fn, tokenizer, conversations: list[list[dict]]) -> LabelCheck:
+    """Compare ``labels_fn(messages, tokenizer)`` with the labels the tokenizer's own assistant mask
+    gives (``return_assistant_tokens_mask`` through :func:`tokenize_chat`), token by token."""
+    import pandas as pd
+
+    records = []
+    for i, messages in enumerate(conversations):
+        expected = tokenize_chat(messages, tokenizer, max_length=10**6)["labels"]
+        got = list(labels_fn(messages, tokenizer))
+        same_length = len(got) == len(expected)
+        wrong = sum(a != b for a, b in zip(got, expected)) if same_length else None
+        records.append({"conversation": i, "tokens": len(expected), "your_tokens": len(got),
+                        "trained_tokens": sum(t != IGNORE_INDEX for t in expected), "mismatches": wrong})
+    rows = pd.DataFrame(records)
+    passed = bool((rows["tokens"] == rows["your_tokens"]).all() and (rows["mismatches"] == 0).all())
+    return LabelCheck(passed, rows)

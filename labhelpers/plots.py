@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Mapping
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 
 STYLE = {"figure.figsize": (6.4, 3.6), "figure.dpi": 110, "axes.grid": True, "grid.alpha": 0.3,
@@ -47,14 +48,17 @@ def save(fig, path) -> None:
     fig.savefig(path, bbox_inches="tight")
 
 
-def lines(df: pd.DataFrame, x: str, ys: list[str], title: str, xlabel: str, ylabel: str, logy: bool = False):
-    """One line per column in ``ys`` against ``x``."""
+def lines(df: pd.DataFrame, x: str, ys: list[str], title: str, xlabel: str, ylabel: str, logy: bool = False,
+          logx: bool = False):
+    """One line per column in ``ys`` against ``x`` (log axes on request)."""
     use_style()
     fig, ax = plt.subplots()
     for y in ys:
         ax.plot(df[x], df[y], marker="o", label=y)
     if logy:
         ax.set_yscale("log")
+    if logx:
+        ax.set_xscale("log")
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     ax.legend()
     fig.tight_layout()
@@ -71,4 +75,46 @@ def bar_grid(df: pd.DataFrame, x: str, panels: Mapping[str, str], title: str):
         ax.tick_params(axis="x", rotation=60)
     fig.suptitle(title)
     fig.tight_layout()
+    return fig
+
+
+def tradeoff(df: pd.DataFrame, x: str, y: str, label: str, title: str, xlabel: str, ylabel: str,
+             group: str | None = None):
+    """A numbered point per row (e.g. domain score against retained general score), with the numbers
+    explained beside the axes; ``group`` colours the points of one family and joins them with a line."""
+    use_style()
+    fig, ax = plt.subplots(figsize=(8.4, 4.6), layout="constrained")
+    groups = df.groupby(group, sort=False) if group is not None else [(None, df)]
+    for name, part in groups:
+        line = ax.plot(part[x], part[y], marker="o", linestyle="-" if len(part) > 1 else "none", alpha=0.8,
+                       label=None if name is None else str(name))[0]
+        line.set_zorder(3)
+    offsets = [(5, 5), (5, -11), (-12, 5), (-12, -11), (9, -3), (-16, -3), (-3, 9), (-3, -15)]
+    key = []
+    for i, (_, row) in enumerate(df.iterrows(), start=1):
+        ax.annotate(str(i), (row[x], row[y]), textcoords="offset points", xytext=offsets[i % len(offsets)], fontsize=8)
+        key.append(f"{i}: {row[label]}")
+    ax.text(1.02, 1.0, "\n".join(key), transform=ax.transAxes, va="top", fontsize=8, family="monospace")
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    if group is not None:
+        ax.legend(fontsize=8, loc="lower left")
+    return fig
+
+
+def heatmaps(frames: Mapping[str, pd.DataFrame], title: str, xlabel: str, ylabel: str, fmt: str = "{:.2f}",
+             vmin: float = 0.0, vmax: float = 1.0):
+    """One annotated heat map per DataFrame (index on the y axis, columns on the x axis)."""
+    use_style()
+    fig, axes = plt.subplots(1, len(frames), figsize=(5.0 * len(frames), 3.8), squeeze=False, layout="constrained")
+    for ax, (name, frame) in zip(axes[0], frames.items()):
+        values = frame.to_numpy(dtype=float)
+        image = ax.imshow(values, vmin=vmin, vmax=vmax, cmap="viridis", aspect="auto")
+        ax.set_xticks(range(frame.shape[1]), [f"{c:g}" if isinstance(c, float) else str(c) for c in frame.columns])
+        ax.set_yticks(range(frame.shape[0]), [str(i) for i in frame.index])
+        for (i, j), value in np.ndenumerate(values):
+            ax.text(j, i, fmt.format(value), ha="center", va="center", color="w" if value < (vmin + vmax) / 2 else "k")
+        ax.set(title=name, xlabel=xlabel, ylabel=ylabel)
+        ax.grid(False)
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
+    fig.suptitle(title)
     return fig

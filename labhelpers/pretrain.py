@@ -27,10 +27,11 @@ from labhelpers.tasks import TASKS, read_jsonl
 
 VOCAB_SIZE = 1024
 MODEL_SIZES = {  # name -> LlamaConfig fields that change with size
+    "micro": dict(hidden_size=96, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256),
     "tiny": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=384),
     "small": dict(hidden_size=192, num_hidden_layers=6, num_attention_heads=6, intermediate_size=512),
 }
-DEFAULT_STEPS = {"tiny": 2400, "small": 1000}  # what the shipped bases were trained with (~20 min each)
+DEFAULT_STEPS = {"micro": 2400, "tiny": 2400, "small": 1000}  # what the shipped bases were trained with
 
 
 @dataclass(frozen=True)

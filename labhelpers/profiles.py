@@ -18,8 +18,8 @@ from dataclasses import dataclass, replace
 class Profile:
     """Settings shared by every lab.
 
-    ``base_model`` and the entries of ``sweep_models`` are either a shipped size (``tiny``,
-    ``small``: folders under ``data/``) or a hub id, resolved by :func:`labhelpers.models.model_source`.
+    ``base_model`` and the entries of ``sweep_models`` are either a shipped size (``micro``, ``tiny``:
+    folders under ``data/``; ``small`` is built on demand) or a hub id, resolved by :func:`labhelpers.models.model_source`.
     ``n_eval`` caps each evaluated split (None: the whole split).
     """
 
@@ -52,12 +52,12 @@ class Profile:
 _ATTN_MLP = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 PROFILES: dict[str, Profile] = {
-    "ci": Profile(name="ci", base_model="tiny", large_model="tiny", sweep_models=("tiny", "small"),
+    "ci": Profile(name="ci", base_model="tiny", large_model="tiny", sweep_models=("micro", "tiny"),
                   device="cpu", dtype="float32", max_seq_length=160, batch_size=16,
                   gradient_accumulation_steps=1, max_steps=300, learning_rate=3e-3, full_ft_learning_rate=1e-3,
                   lora_r=4, lora_alpha=16, lora_dropout=0.0, target_modules=_ATTN_MLP,
                   gradient_checkpointing=False, n_eval=100, eval_batch_size=100),
-    "cpu": Profile(name="cpu", base_model="tiny", large_model="tiny", sweep_models=("tiny", "small"),
+    "cpu": Profile(name="cpu", base_model="tiny", large_model="tiny", sweep_models=("micro", "tiny"),
                    device="cpu", dtype="float32", max_seq_length=160, batch_size=16,
                    gradient_accumulation_steps=1, max_steps=800, learning_rate=3e-3, full_ft_learning_rate=1e-3,
                    lora_r=4, lora_alpha=16, lora_dropout=0.0, target_modules=_ATTN_MLP,

@@ -1,7 +1,8 @@
 """Run lab notebooks headlessly with papermill: ``python -m labhelpers.runner --profile ci``.
 
 Each ``solutions/<lab>/<lab>.ipynb`` is executed with ``PROFILE`` injected into its ``parameters``
-cell, inside ``<out>/<lab>/`` (its figures land there), and written to ``<out>/<lab>/<lab>.ipynb``.
+cell, inside ``<out>/<lab>/``, and written to ``<out>/<lab>/<lab>.ipynb``; every figure it shows is
+also saved as ``<out>/<lab>/figures/fig-NN.png``.
 Metrics the notebook saves (:mod:`labhelpers.results`) and the run time go into ``<out>/summary.md``.
 """
 
@@ -45,14 +46,37 @@ def run_lab(notebook: Path, out: Path, profile: str, kernel: str = KERNEL, timeo
     workdir = out / lab
     workdir.mkdir(parents=True, exist_ok=True)
     os.environ["SFTLABS_RESULTS"] = str(out)
+    backend = os.environ.pop("MPLBACKEND", None)  # the kernel must draw inline, so that figures are kept
     start = time.perf_counter()
-    papermill.execute_notebook(str(Path(notebook).resolve()), str(workdir / notebook.name), parameters={"PROFILE": profile},
-                               kernel_name=kernel, cwd=str(workdir), progress_bar=False,
-                               execution_timeout=timeout_s, request_save_on_cell_execute=False)
+    try:
+        papermill.execute_notebook(str(Path(notebook).resolve()), str(workdir / notebook.name),
+                                   parameters={"PROFILE": profile}, kernel_name=kernel, cwd=str(workdir),
+                                   progress_bar=False, execution_timeout=timeout_s, request_save_on_cell_execute=False)
+    finally:
+        if backend is not None:
+            os.environ["MPLBACKEND"] = backend
     seconds = time.perf_counter() - start
+    extract_figures(workdir / notebook.name, workdir / "figures")
     metrics = load_metrics(lab, out)
     (workdir / "runtime.json").write_text(json.dumps({"seconds": seconds, "profile": profile}) + "\n")
     return LabRun(lab, workdir / notebook.name, seconds, metrics)
+
+
+def extract_figures(notebook: Path, folder: Path) -> list[Path]:
+    """Write every PNG an executed notebook displays to ``folder/fig-NN.png`` (in cell order)."""
+    import base64
+
+    nb = json.loads(Path(notebook).read_text())
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for cell in nb["cells"]:
+        for output in cell.get("outputs", []):
+            png = output.get("data", {}).get("image/png")
+            if png:
+                path = folder / f"fig-{len(paths) + 1:02d}.png"
+                path.write_bytes(base64.b64decode(png if isinstance(png, str) else "".join(png)))
+                paths.append(path)
+    return paths
 
 
 def write_summary(runs: list[LabRun], out: Path, profile: str) -> Path:

@@ -12,6 +12,7 @@ import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import pandas as pd
 import torch
@@ -93,13 +94,37 @@ def sft_config(profile: Profile, dataset_format: str, output_dir: str, **overrid
         max_length=profile.max_seq_length, gradient_checkpointing=profile.gradient_checkpointing,
         use_cpu=profile.device == "cpu", bf16=profile.dtype == "bfloat16", fp16=profile.dtype == "float16",
         assistant_only_loss=dataset_format == "chat", completion_only_loss=dataset_format == "completion",
+        dataset_text_field="text",
         dataloader_num_workers=0, disable_tqdm=True,
     )
     fields.update(overrides)
     return SFTConfig(**fields)
 
 
-def train_sft(model, tokenizer, dataset, profile: Profile, peft_config=None, callbacks=(), **overrides) -> TrainResult:
+def _penalized_trainer(loss_penalty: Callable[[torch.nn.Module], torch.Tensor]):
+    """An ``SFTTrainer`` subclass whose training loss is the task loss plus ``loss_penalty(model)``."""
+    from trl import SFTTrainer
+
+    class PenalizedSFTTrainer(SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            out = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                       num_items_in_batch=num_items_in_batch)
+            loss, outputs = out if return_outputs else (out, None)
+            loss = loss + loss_penalty(model)
+            return (loss, outputs) if return_outputs else loss
+
+    return PenalizedSFTTrainer
+
+
+def _drop_fused_head(model) -> None:
+    """Undo TRL's fused-LM-head patch (an instance ``forward`` whose closure holds the *original* model's
+    forward). Left in place, ``copy.deepcopy(model)`` would run the original's weights, not the copy's."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.__dict__.pop("forward", None)
+
+
+def train_sft(model, tokenizer, dataset, profile: Profile, peft_config=None, callbacks=(),
+              loss_penalty: Callable[[torch.nn.Module], torch.Tensor] | None = None, **overrides) -> TrainResult:
     """Fine-tune ``model`` on ``dataset`` with TRL's ``SFTTrainer`` and measure the run.
 
     Args:
@@ -108,6 +133,8 @@ def train_sft(model, tokenizer, dataset, profile: Profile, peft_config=None, cal
         dataset: a ``datasets.Dataset`` of task rows (extra columns are dropped after validation).
         profile: supplies steps, batch size, learning rate, sequence length, device and dtype.
         peft_config: a ``peft`` config (LoRA, DoRA, IA3, ...) or None for full fine-tuning.
+        loss_penalty: ``model -> scalar tensor`` added to every step's loss (e.g. an L2-to-base or EWC
+            penalty, see :mod:`labhelpers.continual`); the logged loss includes it.
         overrides: ``SFTConfig`` fields to change for this run, e.g. ``max_steps=50``.
     """
     from trl import SFTTrainer
@@ -119,7 +146,8 @@ def train_sft(model, tokenizer, dataset, profile: Profile, peft_config=None, cal
     recorder = _Recorder(desc="fine-tune" if peft_config is None else f"fine-tune ({type(peft_config).__name__})")
     with tempfile.TemporaryDirectory(prefix="sftlabs-train-") as out:
         torch.manual_seed(profile.seed)
-        trainer = SFTTrainer(model=model, args=sft_config(profile, fmt, out, **overrides),
+        trainer_cls = SFTTrainer if loss_penalty is None else _penalized_trainer(loss_penalty)
+        trainer = trainer_cls(model=model, args=sft_config(profile, fmt, out, **overrides),
                              train_dataset=sft_dataset(dataset), processing_class=tokenizer,
                              peft_config=peft_config, callbacks=[recorder, *callbacks_for(peft_config), *callbacks])
         trainer.remove_callback(PrinterCallback)  # the recorder's progress bar replaces per-step log lines
@@ -129,6 +157,7 @@ def train_sft(model, tokenizer, dataset, profile: Profile, peft_config=None, cal
             trainer.train()
         train_seconds = time.perf_counter() - start
     trained = trainer.model
+    _drop_fused_head(trained)
     trained.eval()
     steps = len(recorder.step_seconds)
     timed = recorder.step_seconds[1:] or recorder.step_seconds  # the first step pays one-off set-up

@@ -59,3 +59,48 @@ class BottleneckAdapter(nn.Module):
 class AdapterWithoutResidual(BottleneckAdapter):
     def forward(self, h):
         return self.up(torch.nn.functional.gelu(self.down(h)))
+
+
+# ---- Lab 2
+
+
+def assistant_only_labels(messages, tokenizer):
+    """Labels from character spans of the assistant turns (no return_assistant_tokens_mask)."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for i, turn in enumerate(messages):
+        if turn["role"] == "assistant":
+            start = len(tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True))
+            end = len(tokenizer.apply_chat_template(messages[: i + 1], tokenize=False))
+            spans.append((start, end))
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return [t if any(s <= a < e for s, e in spans) else -100 for t, (a, _) in zip(enc["input_ids"], enc["offset_mapping"])]
+
+
+def labels_on_everything(messages, tokenizer):
+    return tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+
+
+def l2_to_base(params, anchor, strength, fisher=None):
+    total = sum(((params[n] - a) ** 2 * (1 if fisher is None else fisher[n])).sum() for n, a in anchor.items())
+    return strength / 2 * total
+
+
+def l2_without_half(params, anchor, strength, fisher=None):
+    return 2 * l2_to_base(params, anchor, strength, fisher)
+
+
+def interpolate(base, tuned, alpha):
+    if not 0 <= alpha <= 1:
+        raise ValueError(alpha)
+    return {k: (1 - alpha) * base[k] + alpha * tuned[k] for k in base}
+
+
+def cl_metrics(r):
+    import numpy as np
+
+    r = np.asarray(r, dtype=float)
+    t = len(r)
+    return {"average_accuracy": r[-1].mean(),
+            "backward_transfer": np.mean([r[-1, j] - r[j, j] for j in range(t - 1)]),
+            "forgetting": np.mean([r[j:t - 1, j].max() - r[-1, j] for j in range(t - 1)])}

@@ -67,7 +67,8 @@ def test_over_long_conversation_is_refused(tokenizer):
 
 @pytest.mark.parametrize("rows, message", [
     ([], "empty"),
-    ([{"text": "hello"}], "needs 'messages'"),
+    ([{"question": "hello"}], "needs 'messages'"),
+    ([{"text": ""}], "non-empty string"),
     ([{"prompt": "a"}], "needs 'messages'"),
     ([{"messages": "hi"}], "non-empty list"),
     ([{"messages": [{"role": "user"}]}], "'role' and 'content'"),

@@ -16,7 +16,7 @@ from labhelpers.tasks import read_jsonl
 from labhelpers.paths import data_dir
 
 
-SHIPPED_SIZES = ("tiny",)  # `small` (for Lab 2's size sweep) is built by `make base-model SIZE=small`
+SHIPPED_SIZES = ("micro", "tiny")  # Lab 2 sweeps both; `small` is built by `make base-model SIZE=small`
 
 
 @pytest.mark.parametrize("size", SHIPPED_SIZES)

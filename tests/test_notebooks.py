@@ -38,7 +38,27 @@ def _lab1(m: dict) -> None:
         assert m[f"{method}_pass_at_1"] > m["base_pass_at_1"], method
 
 
-EFFECTS: dict[str, Callable[[dict], None]] = {"demo_lab": _demo, "lab1_peft": _lab1}
+def _lab2(m: dict) -> None:
+    assert m["profile"] == "ci"
+    # specialization lifts SQL clearly, and the answers are well-formed
+    assert m["tuned_sql"] >= m["base_sql"] + 0.5 and m["tuned_valid_sql"] >= 0.9 and m["tuned_no_chatter"] >= 0.9
+    # naive full fine-tuning loses a measurable part of the general skill
+    general_loss = m["base_arithmetic"] - m["naive_arithmetic"]
+    assert general_loss >= 0.1 and m["naive_heldout_ppl"] > m["base_heldout_ppl"] * 1.2
+    # the best mitigation recovers at least half of that loss and keeps most of the domain gain
+    assert m["best_general_recovered"] >= 0.5 and m["best_domain_gain_kept"] >= 0.7
+    # more replay forgets less
+    assert m["replay_0.5_arithmetic"] >= m["replay_0.1_arithmetic"] > m["naive_arithmetic"]
+    # continual learning: sequential training forgets, replay of earlier tasks forgets less
+    assert m["cl_forgetting_sequential"] >= 0.2
+    assert m["cl_forgetting_replay"] < m["cl_forgetting_sequential"] - 0.1
+    assert m["cl_average_accuracy_replay"] > m["cl_average_accuracy_sequential"]
+    # the sweep covered two sizes, and each size found settings that learn
+    assert m["sweep_models"] == 2 and m["sweep_runs"] >= 8
+    assert m["sweep_best_score_micro"] > 0.3 and m["sweep_best_score_tiny"] > 0.3
+
+
+EFFECTS: dict[str, Callable[[dict], None]] = {"demo_lab": _demo, "lab1_peft": _lab1, "lab2_domain": _lab2}
 NOTEBOOKS = discover(FIXTURES) + discover(REPO_ROOT / "solutions")
 
 
@@ -69,3 +89,4 @@ def test_relative_output_folder(tmp_path, monkeypatch):
     run = run_lab(FIXTURES / "demo_lab" / "demo_lab.ipynb", Path("build"), profile="ci")
     assert run.metrics["profile"] == "ci"
     assert (tmp_path / "build" / "demo_lab" / "metrics.json").exists()
+    assert list((tmp_path / "build" / "demo_lab" / "figures").glob("fig-*.png")), "figures are extracted"

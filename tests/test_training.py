@@ -98,7 +98,7 @@ def test_train_sft_rejects_bad_data(ci_profile):
 
     model, tokenizer = load_model(ci_profile)
     with pytest.raises(ValueError, match="row 0"):
-        train_sft(model, tokenizer, Dataset.from_list([{"text": "no schema"}]), ci_profile)
+        train_sft(model, tokenizer, Dataset.from_list([{"question": "no schema"}]), ci_profile)
 
 
 @pytest.mark.slow

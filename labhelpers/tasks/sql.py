@@ -151,3 +151,17 @@ def is_valid_sql(completion: str) -> bool:
 
 
 TASK = Task(name="sql", format="chat", generate=generate, score=score, max_new_tokens=48)
+
+
+def format_report(completions: Sequence[str]):
+    """Response quality per completion, as a DataFrame:
+
+    * ``valid_sql``: its first statement runs on the database (whether or not the answer is right);
+    * ``no_chatter``: nothing follows that statement (no explanation, no second query).
+    """
+    import pandas as pd
+
+    return pd.DataFrame({
+        "valid_sql": [run_query(extract_sql(c)) is not None for c in completions],
+        "no_chatter": [c.strip().endswith(";") and c.strip().count(";") == 1 for c in completions],
+    })

@@ -1,0 +1,348 @@
+"""Specializing a model without losing what it knew: forgetting, its mitigations, continual learning.
+
+Lab 2 fine-tunes the shipped base on the SQL domain and measures what happens to its *general*
+skill (the arithmetic probe and held-out perplexity on the pretraining corpus). This module holds
+the pieces the lab compares:
+
+* **replay**: :func:`replay_mix` mixes a fraction of pretraining text into the domain data;
+* **L2 / EWC penalty**: :func:`l2_penalty` adds
+  :math:`\\frac{\\lambda}{2} \\sum_i F_i (\\theta_i - \\theta^*_i)^2` to the loss, with :math:`F_i = 1`
+  (L2-SP, Xuhong et al. 2018) or the diagonal Fisher information of the base on general data
+  (:func:`fisher_diagonal`; EWC, Kirkpatrick et al. 2017), through ``train_sft(loss_penalty=...)``;
+* **weight interpolation**: :func:`interpolate_weights` / :func:`wise_ft`,
+  :math:`\\theta_\\alpha = (1 - \\alpha)\\,\\theta_{base} + \\alpha\\,\\theta_{tuned}` (WiSE-FT, Wortsman et al. 2022);
+* **continual learning**: :func:`continual_sequence` trains tasks one after another and records the
+  accuracy matrix; :func:`continual_metrics` derives average accuracy, backward transfer and forgetting
+  (Lopez-Paz & Ranzato 2017; Chaudhry et al. 2018);
+* **domain-adaptive continued pretraining** on unlabeled domain text (:func:`domain_texts`,
+  Gururangan et al. 2020) and a learning-rate x LoRA-rank sweep across base sizes (:func:`lora_sweep`).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+from typing import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from labhelpers.data import tokenize_rows
+from labhelpers.evaluation import evaluate_task, perplexity, token_blocks
+from labhelpers.paths import data_dir
+from labhelpers.profiles import Profile
+from labhelpers.tasks import get_task, load_split, read_jsonl
+
+GENERAL_TASK = "arithmetic"  # the skill the base has before any lab: the forgetting probe
+DOMAIN_TASK = "sql"
+
+
+# ----------------------------------------------------------------------------------------- data
+
+def task_rows(task: str, split: str = "train", n: int | None = None) -> list[dict]:
+    """Rows of a task in the format it is trained and scored in (chat: ``messages``; completion:
+    ``prompt`` + ``completion``), without the other fields."""
+    fmt = get_task(task).format
+    keep = ("messages",) if fmt == "chat" else ("prompt", "completion")
+    return [{k: row[k] for k in ("id", *keep)} for row in load_split(task, split, n)]
+
+
+def corpus_texts(split: str = "heldout", n: int | None = None, kinds: Sequence[str] | None = None) -> list[str]:
+    """Documents of the pretraining corpus (``train`` or ``heldout``), optionally of some kinds only."""
+    docs = read_jsonl(data_dir() / "corpus" / f"{split}.jsonl")
+    texts = [d["text"] for d in docs if kinds is None or d["kind"] in kinds]
+    return texts[:n] if n else texts
+
+
+def domain_texts(queries_per_document: int = 8, seed: int = 0) -> list[str]:
+    """Unlabeled text of the SQL domain, for domain-adaptive continued pretraining.
+
+    What a company's repositories hold without any question attached: the table's schema, its data
+    as INSERT statements, and query logs (the train split's queries, grouped into documents). No
+    question/answer pairs, so nothing here is instruction data.
+    """
+    from labhelpers.tasks import sql
+
+    dump = sql.database_sql().splitlines()
+    docs = ["\n".join(dump[i:i + 12]) for i in range(0, len(dump), 12)]
+    queries = sorted({row["gold_sql"] for row in load_split(DOMAIN_TASK, "train")})
+    random.Random(seed).shuffle(queries)
+    docs += ["-- query log\n" + "\n".join(queries[i:i + queries_per_document])
+             for i in range(0, len(queries), queries_per_document)]
+    return docs
+
+
+def replay_mix(domain_rows: Sequence[dict], replay_rows: Sequence[dict], fraction: float, tokenizer,
+               max_length: int, seed: int = 0):
+    """A shuffled ``datasets.Dataset`` of tokenized rows in which ``fraction`` of the examples are
+    replayed general data (drawn from ``replay_rows``, with repetition when it is short).
+
+    ``fraction`` is in [0, 1); 0 returns the domain rows alone. Rows of different formats (chat SQL,
+    plain pretraining text) are tokenized first so that they can share one dataset.
+    """
+    from datasets import Dataset
+
+    if not 0 <= fraction < 1:
+        raise ValueError(f"replay fraction must be in [0, 1), got {fraction}")
+    if fraction > 0 and not replay_rows:
+        raise ValueError("replay fraction > 0 needs replay rows; pass general data (e.g. corpus text rows)")
+    rng = random.Random(seed)
+    n_replay = round(len(domain_rows) * fraction / (1 - fraction))
+    pool = list(replay_rows)
+    replay = [pool[i % len(pool)] for i in rng.sample(range(max(n_replay, len(pool))), n_replay)] if n_replay else []
+    rows = tokenize_rows(list(domain_rows), tokenizer, max_length) + tokenize_rows(replay, tokenizer, max_length)
+    rng.shuffle(rows)
+    return Dataset.from_list(rows)
+
+
+# ---------------------------------------------------------------------------------------- scores
+
+def general_scores(model, tokenizer, profile: Profile, n_texts: int = 200) -> dict[str, float]:
+    """The general skill: arithmetic exact match (test split) and held-out corpus perplexity."""
+    acc = evaluate_task(model, tokenizer, GENERAL_TASK, "test", profile.n_eval, profile.eval_batch_size)
+    return {GENERAL_TASK: float(acc["correct"].mean()),
+            "heldout_ppl": perplexity(model, tokenizer, corpus_texts("heldout", n_texts))}
+
+
+def domain_scores(model, tokenizer, profile: Profile) -> tuple[dict[str, float], pd.DataFrame]:
+    """SQL execution accuracy and format adherence, plus the per-example frame."""
+    from labhelpers.tasks import sql
+
+    df = evaluate_task(model, tokenizer, DOMAIN_TASK, "test", profile.n_eval, profile.eval_batch_size)
+    quality = sql.format_report(df["completion"])
+    df = pd.concat([df, quality], axis=1)
+    return {DOMAIN_TASK: float(df["correct"].mean()), "valid_sql": float(df["valid_sql"].mean()),
+            "no_chatter": float(df["no_chatter"].mean())}, df
+
+
+def all_scores(model, tokenizer, profile: Profile) -> dict[str, float]:
+    """Domain scores and general scores of one model, as one record."""
+    return {**domain_scores(model, tokenizer, profile)[0], **general_scores(model, tokenizer, profile)}
+
+
+def mitigation_table(runs: Mapping[str, Mapping[str, float]], base: str = "base", naive: str = "full FT") -> pd.DataFrame:
+    """Compare runs against the base and the naive fine-tune.
+
+    Adds ``domain_gain_kept`` = (sql - sql_base) / (sql_naive - sql_base) and ``general_recovered`` =
+    (general - general_naive) / (general_base - general_naive): 1 means "as good as the naive run on
+    SQL" and "no forgetting" respectively (NaN when the naive run gained or lost nothing).
+    """
+    if base not in runs or naive not in runs:
+        raise KeyError(f"runs must include {base!r} and {naive!r}; got {list(runs)}")
+    df = pd.DataFrame(runs).T
+    gain = df.loc[naive, DOMAIN_TASK] - df.loc[base, DOMAIN_TASK]
+    loss = df.loc[base, GENERAL_TASK] - df.loc[naive, GENERAL_TASK]
+    df["domain_gain_kept"] = (df[DOMAIN_TASK] - df.loc[base, DOMAIN_TASK]) / gain if gain > 0 else math.nan
+    df["general_recovered"] = (df[GENERAL_TASK] - df.loc[naive, GENERAL_TASK]) / loss if loss > 0 else math.nan
+    return df.rename_axis("run").reset_index()
+
+
+def best_mitigation(table: pd.DataFrame, min_domain_kept: float = 0.7,
+                    exclude=("base", "full FT")) -> pd.Series | None:
+    """The run that recovers the most general skill among those keeping ``min_domain_kept`` of the
+    domain gain, or None when none does (or when the naive run gained or forgot nothing)."""
+    candidates = table[~table["run"].isin(exclude) & (table["domain_gain_kept"] >= min_domain_kept)]
+    if candidates.empty or candidates["general_recovered"].isna().all():
+        return None
+    return candidates.sort_values(["general_recovered", "domain_gain_kept"], ascending=False).iloc[0]
+
+
+# ----------------------------------------------------------------------------- L2 / EWC penalty
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    """Detached copies of the trainable parameters: the anchor :math:`\\theta^*` of the penalty."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def l2_penalty(params: Mapping[str, torch.Tensor], anchor: Mapping[str, torch.Tensor], strength: float,
+               fisher: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """:math:`\\frac{\\lambda}{2} \\sum_i F_i (\\theta_i - \\theta^*_i)^2` over the parameters named in ``anchor``.
+
+    ``fisher`` None means :math:`F_i = 1` (plain L2 towards the base). Differentiable in ``params``.
+    Raises KeyError for an anchored parameter missing from ``params``.
+    """
+    missing = [n for n in anchor if n not in params]
+    if missing:
+        raise KeyError(f"parameters {missing[:3]} are anchored but not in the model; take the anchor with "
+                       "snapshot(model) from the same model")
+    total = None
+    for name, ref in anchor.items():
+        sq = (params[name] - ref).pow(2)
+        term = (sq * fisher[name]).sum() if fisher is not None else sq.sum()
+        total = term if total is None else total + term
+    return 0.5 * strength * total
+
+
+def penalty_fn(anchor: Mapping[str, torch.Tensor], strength: float, fisher=None,
+               penalty: Callable = l2_penalty) -> Callable[[torch.nn.Module], torch.Tensor]:
+    """``model -> penalty`` for ``train_sft(loss_penalty=...)``; ``penalty`` may be your own function."""
+    def loss_penalty(model: torch.nn.Module) -> torch.Tensor:
+        return penalty(dict(model.named_parameters()), anchor, strength, fisher)
+    return loss_penalty
+
+
+def fisher_diagonal(model, tokenizer, texts: Sequence[str], seq_len: int = 128, batch_size: int = 8,
+                    max_batches: int = 16) -> dict[str, torch.Tensor]:
+    """Empirical diagonal Fisher information :math:`F_i = E[(\\partial \\log p / \\partial \\theta_i)^2]` of
+    the model on ``texts``, normalised to mean 1 over all parameters so that one strength suits both
+    L2 (F = 1) and EWC."""
+    blocks = token_blocks(texts, tokenizer, seq_len)[: batch_size * max_batches]
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    fisher = {n: torch.zeros_like(p) for n, p in params.items()}
+    was_training = model.training
+    model.eval()
+    n_batches = 0
+    for i in range(0, len(blocks), batch_size):
+        batch = blocks[i:i + batch_size].to(model.device)
+        model.zero_grad(set_to_none=True)
+        model(input_ids=batch, labels=batch).loss.backward()
+        for n, p in params.items():
+            if p.grad is not None:
+                fisher[n] += p.grad.detach().pow(2)
+        n_batches += 1
+    model.zero_grad(set_to_none=True)
+    model.train(was_training)
+    mean = torch.cat([f.flatten() for f in fisher.values()]).mean()
+    return {n: f / mean for n, f in fisher.items()}
+
+
+# ------------------------------------------------------------------------------- interpolation
+
+def interpolate_weights(base: Mapping[str, torch.Tensor], tuned: Mapping[str, torch.Tensor],
+                        alpha: float) -> dict[str, torch.Tensor]:
+    """:math:`(1 - \\alpha)\\,\\theta_{base} + \\alpha\\,\\theta_{tuned}` for every tensor.
+
+    ``alpha`` 0 is the base, 1 the fine-tuned model. Raises ValueError for ``alpha`` outside [0, 1]
+    and for state dicts whose names or shapes differ (naming the tensor).
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1] (0 = base, 1 = fine-tuned), got {alpha}")
+    if set(base) != set(tuned):
+        odd = sorted(set(base) ^ set(tuned))
+        raise ValueError(f"state dicts hold different tensors, e.g. {odd[:3]}; interpolate two checkpoints of "
+                         "the same architecture")
+    out = {}
+    for name, b in base.items():
+        t = tuned[name]
+        if b.shape != t.shape:
+            raise ValueError(f"tensor {name!r} has shape {tuple(b.shape)} in base and {tuple(t.shape)} in tuned")
+        out[name] = torch.lerp(b.float(), t.float(), alpha).to(b.dtype) if b.is_floating_point() else b.clone()
+    return out
+
+
+def wise_ft(base_model, tuned_model, alpha: float, interpolate: Callable = interpolate_weights):
+    """A new model with the weights ``interpolate(base_state, tuned_state, alpha)`` (default:
+    :func:`interpolate_weights`; pass your own to run it); the inputs stay unchanged."""
+    merged = copy.deepcopy(tuned_model)
+    merged.load_state_dict(interpolate(base_model.state_dict(), tuned_model.state_dict(), alpha))
+    return merged.eval()
+
+
+# ------------------------------------------------------------------------------ training helpers
+
+def fine_tune(model, tokenizer, rows, profile: Profile, steps: int, learning_rate: float | None = None,
+              peft_config=None, loss_penalty=None):
+    """Fine-tune on ``rows`` (a list of rows of any format, or a tokenized Dataset) for ``steps`` steps.
+
+    Full fine-tuning uses the profile's ``full_ft_learning_rate`` unless told otherwise, PEFT its
+    ``learning_rate``. Returns the :class:`~labhelpers.training.TrainResult`.
+    """
+    from datasets import Dataset
+
+    from labhelpers.training import train_sft
+
+    dataset = rows if isinstance(rows, Dataset) else Dataset.from_list(
+        tokenize_rows(rows, tokenizer, profile.max_seq_length))
+    lr = learning_rate or (profile.learning_rate if peft_config is not None else profile.full_ft_learning_rate)
+    return train_sft(model, tokenizer, dataset, profile, peft_config=peft_config, loss_penalty=loss_penalty,
+                     max_steps=steps, learning_rate=lr, warmup_steps=max(1, steps // 20))
+
+
+def task_score(model, tokenizer, task: str, profile: Profile) -> float:
+    """A task's score on its test split (first ``profile.n_eval`` rows)."""
+    return float(evaluate_task(model, tokenizer, task, "test", profile.n_eval, profile.eval_batch_size)["correct"].mean())
+
+
+# ----------------------------------------------------------------------------- continual learning
+
+def continual_sequence(tasks: Sequence[str], profile: Profile, steps: int, replay_fraction: float = 0.0,
+                       seed: int = 0) -> pd.DataFrame:
+    """Full fine-tuning on ``tasks`` one after another, from the shipped base.
+
+    Returns the accuracy matrix: row ``base`` then one row per stage (``after <task>``), one column per
+    task, each entry the test score measured right after that stage. With ``replay_fraction`` > 0,
+    each stage mixes that fraction of examples from the earlier tasks' training data (replay).
+    """
+    from labhelpers.models import load_model
+
+    model, tokenizer = load_model(profile)
+    matrix = {"base": {t: task_score(model, tokenizer, t, profile) for t in tasks}}
+    seen: list[dict] = []
+    for i, task in enumerate(tasks):
+        rows = task_rows(task, "train")
+        data = replay_mix(rows, seen, replay_fraction if seen else 0.0, tokenizer, profile.max_seq_length, seed + i)
+        model = fine_tune(model, tokenizer, data, profile, steps).model
+        matrix[f"after {task}"] = {t: task_score(model, tokenizer, t, profile) for t in tasks}
+        seen += rows
+    return pd.DataFrame(matrix).T[list(tasks)]
+
+
+def continual_metrics(matrix) -> dict[str, float]:
+    """Average accuracy, backward transfer and forgetting of a T x T accuracy matrix.
+
+    ``matrix[i, j]`` is the score on task j after training on tasks 0..i (rows in training order; a
+    DataFrame may carry an extra leading ``base`` row, which is dropped). With T tasks:
+
+    * average accuracy :math:`A = \\frac{1}{T}\\sum_j R_{T-1,j}`;
+    * backward transfer :math:`BWT = \\frac{1}{T-1}\\sum_{j<T-1} (R_{T-1,j} - R_{j,j})` (negative: forgetting);
+    * forgetting :math:`F = \\frac{1}{T-1}\\sum_{j<T-1} \\max_{j \\le l < T-1} (R_{l,j} - R_{T-1,j})`.
+    """
+    if isinstance(matrix, pd.DataFrame):
+        matrix = matrix.drop(index="base", errors="ignore").to_numpy(dtype=float)
+    r = np.asarray(matrix, dtype=float)
+    if r.ndim != 2 or r.shape[0] != r.shape[1] or r.shape[0] < 2:
+        raise ValueError(f"need a square T x T accuracy matrix with T >= 2, got shape {r.shape}")
+    t = r.shape[0]
+    bwt = np.mean([r[t - 1, j] - r[j, j] for j in range(t - 1)])
+    forgetting = np.mean([max(r[l, j] for l in range(j, t - 1)) - r[t - 1, j] for j in range(t - 1)])
+    return {"average_accuracy": float(r[t - 1].mean()), "backward_transfer": float(bwt),
+            "forgetting": float(forgetting)}
+
+
+# ----------------------------------------------------------------------------------------- sweep
+
+def lora_sweep(models: Iterable[str], learning_rates: Iterable[float], ranks: Iterable[int], profile: Profile,
+               steps: int, task: str = DOMAIN_TASK) -> pd.DataFrame:
+    """LoRA on ``task`` for every (base model, learning rate, rank); one row per run.
+
+    ``alpha / r`` is held at the profile's ratio so that the rank changes capacity, not step size.
+    Columns: ``model``, ``params`` (base size), ``learning_rate``, ``r``, ``score``, ``final_loss``,
+    ``train_seconds``.
+    """
+    from labhelpers.models import count_parameters, load_model
+    from labhelpers.peft_methods import peft_config
+
+    rows = task_rows(task, "train")
+    ratio = profile.lora_alpha / profile.lora_r
+    records = []
+    for name in models:
+        _, tokenizer = load_model(profile, name)
+        data = replay_mix(rows, [], 0.0, tokenizer, profile.max_seq_length)
+        for lr in learning_rates:
+            for r in ranks:
+                model, _ = load_model(profile, name)
+                params = count_parameters(model)["total"]
+                run = fine_tune(model, tokenizer, data, profile, steps, learning_rate=lr,
+                                peft_config=peft_config("lora", profile, r=r, lora_alpha=ratio * r))
+                records.append({"model": name, "params": params, "learning_rate": lr, "r": r,
+                                "score": task_score(run.model, tokenizer, task, profile),
+                                "final_loss": run.final_loss, "train_seconds": run.train_seconds})
+    return pd.DataFrame(records)
+
+
+def best_settings(sweep: pd.DataFrame) -> pd.DataFrame:
+    """The best run per base model (highest score, then lowest final loss)."""
+    ordered = sweep.sort_values(["model", "score", "final_loss"], ascending=[True, False, True])
+    return ordered.groupby("model", sort=False).head(1).sort_values("params").reset_index(drop=True)

@@ -30,24 +30,17 @@ import pandas as pd
 import torch
 
 from labhelpers.data import tokenize_rows
-from labhelpers.evaluation import evaluate_task, perplexity, token_blocks
+from labhelpers.evaluation import evaluate_task, perplexity, task_scores, token_blocks
 from labhelpers.paths import data_dir
 from labhelpers.profiles import Profile
-from labhelpers.tasks import get_task, load_split, read_jsonl
+from labhelpers.tasks import load_split, read_jsonl, task_rows  # noqa: F401  (task_rows: used by the lab)
+from labhelpers.training import fine_tune  # noqa: F401  (re-exported: the lab calls continual.fine_tune)
 
 GENERAL_TASK = "arithmetic"  # the skill the base has before any lab: the forgetting probe
 DOMAIN_TASK = "sql"
 
 
 # ----------------------------------------------------------------------------------------- data
-
-def task_rows(task: str, split: str = "train", n: int | None = None) -> list[dict]:
-    """Rows of a task in the format it is trained and scored in (chat: ``messages``; completion:
-    ``prompt`` + ``completion``), without the other fields."""
-    fmt = get_task(task).format
-    keep = ("messages",) if fmt == "chat" else ("prompt", "completion")
-    return [{k: row[k] for k in ("id", *keep)} for row in load_split(task, split, n)]
-
 
 def corpus_texts(split: str = "heldout", n: int | None = None, kinds: Sequence[str] | None = None) -> list[str]:
     """Documents of the pretraining corpus (``train`` or ``heldout``), optionally of some kinds only."""
@@ -242,27 +235,9 @@ def wise_ft(base_model, tuned_model, alpha: float, interpolate: Callable = inter
 
 # ------------------------------------------------------------------------------ training helpers
 
-def fine_tune(model, tokenizer, rows, profile: Profile, steps: int, learning_rate: float | None = None,
-              peft_config=None, loss_penalty=None):
-    """Fine-tune on ``rows`` (a list of rows of any format, or a tokenized Dataset) for ``steps`` steps.
-
-    Full fine-tuning uses the profile's ``full_ft_learning_rate`` unless told otherwise, PEFT its
-    ``learning_rate``. Returns the :class:`~labhelpers.training.TrainResult`.
-    """
-    from datasets import Dataset
-
-    from labhelpers.training import train_sft
-
-    dataset = rows if isinstance(rows, Dataset) else Dataset.from_list(
-        tokenize_rows(rows, tokenizer, profile.max_seq_length))
-    lr = learning_rate or (profile.learning_rate if peft_config is not None else profile.full_ft_learning_rate)
-    return train_sft(model, tokenizer, dataset, profile, peft_config=peft_config, loss_penalty=loss_penalty,
-                     max_steps=steps, learning_rate=lr, warmup_steps=max(1, steps // 20))
-
-
 def task_score(model, tokenizer, task: str, profile: Profile) -> float:
     """A task's score on its test split (first ``profile.n_eval`` rows)."""
-    return float(evaluate_task(model, tokenizer, task, "test", profile.n_eval, profile.eval_batch_size)["correct"].mean())
+    return task_scores(model, tokenizer, [task], profile.n_eval, profile.eval_batch_size)[task]
 
 
 # ----------------------------------------------------------------------------- continual learning

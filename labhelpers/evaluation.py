@@ -64,6 +64,12 @@ def evaluate_task(model, tokenizer, task: str, split: str = "test", n: int | Non
     })
 
 
+def task_scores(model, tokenizer, tasks: Sequence[str], n: int | None = None, batch_size: int = 32,
+                split: str = "test") -> dict[str, float]:
+    """``{task: score}`` on one split of each task (first ``n`` rows)."""
+    return {task: float(evaluate_task(model, tokenizer, task, split, n, batch_size)["correct"].mean()) for task in tasks}
+
+
 def score_tasks(model, tokenizer, splits: dict[str, tuple[str, str]], n: int | None = None) -> pd.DataFrame:
     """One score per named (task, split): ``{"code pass@1": ("code", "test"), ...}`` -> one-row DataFrame."""
     return pd.DataFrame([{name: evaluate_task(model, tokenizer, task, split, n)["correct"].mean()

@@ -72,7 +72,7 @@ def bar_grid(df: pd.DataFrame, x: str, panels: Mapping[str, str], title: str):
     for ax, (column, label) in zip(axes, panels.items()):
         ax.bar(df[x].astype(str), df[column])
         ax.set(title=column, ylabel=label)
-        ax.tick_params(axis="x", rotation=60)
+        plt.setp(ax.get_xticklabels(), rotation=60, ha="right", rotation_mode="anchor")
     fig.suptitle(title)
     fig.tight_layout()
     return fig

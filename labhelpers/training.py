@@ -164,3 +164,21 @@ def train_sft(model, tokenizer, dataset, profile: Profile, peft_config=None, cal
     return TrainResult(model=trained, loss_curve=pd.DataFrame(recorder.losses, columns=["step", "loss"]),
                        sec_per_step=statistics.median(timed), peak_mib=peak.peak_mib, train_seconds=train_seconds,
                        steps=steps, trainable_params=counts["trainable"], total_params=counts["total"])
+
+
+def fine_tune(model, tokenizer, rows, profile: Profile, steps: int, learning_rate: float | None = None,
+              peft_config=None, loss_penalty=None):
+    """Fine-tune on ``rows`` (a list of rows of any format, or a tokenized Dataset) for ``steps`` steps.
+
+    Full fine-tuning uses the profile's ``full_ft_learning_rate`` unless told otherwise, PEFT its
+    ``learning_rate``. Returns the :class:`~labhelpers.training.TrainResult`.
+    """
+    from datasets import Dataset
+
+    from labhelpers.data import tokenize_rows
+
+    dataset = rows if isinstance(rows, Dataset) else Dataset.from_list(
+        tokenize_rows(rows, tokenizer, profile.max_seq_length))
+    lr = learning_rate or (profile.learning_rate if peft_config is not None else profile.full_ft_learning_rate)
+    return train_sft(model, tokenizer, dataset, profile, peft_config=peft_config, loss_penalty=loss_penalty,
+                     max_steps=steps, learning_rate=lr, warmup_steps=max(1, steps // 20))

@@ -104,3 +104,43 @@ def cl_metrics(r):
     return {"average_accuracy": r[-1].mean(),
             "backward_transfer": np.mean([r[-1, j] - r[j, j] for j in range(t - 1)]),
             "forgetting": np.mean([r[j:t - 1, j].max() - r[-1, j] for j in range(t - 1)])}
+
+
+# ---- Lab 3
+
+
+def task_arithmetic(base, experts, weights, lam):
+    return base + lam * sum(w * (e - base) for w, e in zip(weights, experts))
+
+
+def slerp(a, b, t, eps=1e-8):
+    if not 0 <= t <= 1:
+        raise ValueError(t)
+    na, nb = a.norm(), b.norm()
+    if na < eps or nb < eps:
+        return (1 - t) * a + t * b
+    cos = torch.clamp(torch.dot(a.flatten() / na, b.flatten() / nb), -1.0, 1.0)
+    if cos.abs() > 0.9995:
+        return (1 - t) * a + t * b
+    omega = torch.arccos(cos)
+    return (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)
+
+
+def ties(base, experts, density, lam):
+    deltas = []
+    for e in experts:
+        d = e - base
+        k = math.ceil(density * d.numel())
+        threshold = d.abs().flatten().sort(descending=True).values[k - 1]
+        deltas.append(torch.where(d.abs() >= threshold, d, torch.zeros_like(d)))
+    stacked = torch.stack(deltas)
+    sign = torch.sign(stacked.sum(0))
+    agree = (torch.sign(stacked) == sign) & (stacked != 0)
+    count = agree.sum(0)
+    merged = torch.where(count > 0, (stacked * agree).sum(0) / count.clamp_min(1), torch.zeros_like(sign))
+    return base + lam * merged
+
+
+def dare(delta, density, generator):
+    keep = torch.rand(delta.shape, generator=generator) < density
+    return delta * keep / density

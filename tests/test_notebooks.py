@@ -58,7 +58,22 @@ def _lab2(m: dict) -> None:
     assert m["sweep_best_score_micro"] > 0.3 and m["sweep_best_score_tiny"] > 0.3
 
 
-EFFECTS: dict[str, Callable[[dict], None]] = {"demo_lab": _demo, "lab1_peft": _lab1, "lab2_domain": _lab2}
+def _lab3(m: dict) -> None:
+    assert m["profile"] == "ci"
+    # each expert specializes: best on its own task, well below it on the other
+    assert m["code_expert_code"] >= m["sql_expert_code"] + 0.3 and m["sql_expert_sql"] >= m["code_expert_sql"] + 0.5
+    # the best merge keeps at least 80% of each expert's own-task score and beats every expert on average
+    assert m["best_code_kept"] >= 0.8 and m["best_sql_kept"] >= 0.8
+    assert m["best_average"] > max(m["code_expert_average"], m["sql_expert_average"])
+    # experts tuned from the raw pretrained base do not merge: one skill is lost
+    assert m["raw_min_kept"] < 0.8 and m["raw_best_average"] < m["best_average"]
+    assert m["merges"] >= 15 and m["max_merge_seconds"] < 5
+    for combination in ("linear", "ties", "dare_ties"):
+        assert m[f"adapter_{combination}_average"] > 0
+
+
+EFFECTS: dict[str, Callable[[dict], None]] = {"demo_lab": _demo, "lab1_peft": _lab1, "lab2_domain": _lab2,
+                                              "lab3_merging": _lab3}
 NOTEBOOKS = discover(FIXTURES) + discover(REPO_ROOT / "solutions")
 
 

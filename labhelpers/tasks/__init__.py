@@ -53,3 +53,11 @@ def write_all(root: Path | None = None, seed: int = DATA_SEED) -> list[Path]:
     written.append(sql_path)
     written += corpus.write_corpus(root / "corpus", seed=seed)
     return written
+
+
+def task_rows(task: str, split: str = "train", n: int | None = None) -> list[dict]:
+    """Rows of a task in the format it is trained and scored in (chat: ``messages``; completion:
+    ``prompt`` + ``completion``), without the other fields."""
+    fmt = get_task(task).format
+    keep = ("messages",) if fmt == "chat" else ("prompt", "completion")
+    return [{k: row[k] for k in ("id", *keep)} for row in load_split(task, split, n)]

@@ -1,0 +1,233 @@
+"""labhelpers.merging: the per-tensor methods follow the papers, the merge streams, errors name the culprit."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+import reference_solutions as ref
+from labhelpers import merging
+from labhelpers.memory import measure_peak_memory
+from labhelpers.paths import base_model_dir
+
+
+def _randn(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------------------------------- per-tensor rules
+
+def test_linear_and_task_arithmetic():
+    a, b, base = _randn(5, seed=1), _randn(5, seed=2), _randn(5, seed=3)
+    assert torch.allclose(merging.linear([a, b], [1, 3]), 0.25 * a + 0.75 * b)
+    assert torch.allclose(merging.task_arithmetic(base, [a, b], [0.5, 1.0], lam=2.0),
+                          base + 2.0 * (0.5 * (a - base) + (b - base)))
+    assert torch.allclose(merging.task_arithmetic(base, [a, b]), ref.task_arithmetic(base, [a, b], [1, 1], 1.0))
+    with pytest.raises(ValueError, match="2 weights for 3 models"):
+        merging.linear([a, b, base], [1, 1])
+
+
+def test_slerp_endpoints_fallback_and_geometry():
+    a, b = _randn(64, seed=1), _randn(64, seed=2)
+    assert torch.allclose(merging.slerp(a, b, 0.0), a, atol=1e-6)
+    assert torch.allclose(merging.slerp(a, b, 1.0), b, atol=1e-5)
+    e1, e2 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    mid = merging.slerp(e1, e2, 0.5)
+    assert torch.allclose(mid, torch.tensor([math.sqrt(0.5), math.sqrt(0.5)]))  # stays on the circle
+    assert torch.allclose(merging.slerp(a, 2 * a, 0.3), torch.lerp(a, 2 * a, 0.3))  # parallel: linear
+    assert torch.allclose(merging.slerp(torch.zeros(3), torch.ones(3), 0.5), torch.full((3,), 0.5))
+    for t in (0.2, 0.7):
+        assert torch.allclose(merging.slerp(a, b, t), ref.slerp(a, b, t), atol=1e-5)
+    with pytest.raises(ValueError, match=r"t must be in \[0, 1\]"):
+        merging.slerp(a, b, 1.2)
+
+
+def test_trim_keeps_the_largest_magnitudes():
+    delta = torch.tensor([0.1, -3.0, 0.5, 2.0, -0.2])
+    assert merging.trim(delta, 0.4).tolist() == [0.0, -3.0, 0.0, 2.0, 0.0]
+    assert torch.equal(merging.trim(delta, 1.0), delta)
+    for bad in (0.0, -0.5, 1.5):
+        with pytest.raises(ValueError, match=r"density must be in \(0, 1\]"):
+            merging.trim(delta, bad)
+
+
+def test_ties_elects_by_mass_not_by_count():
+    base = torch.zeros(3)
+    experts = [torch.tensor([1.0, 1.0, -1.0]), torch.tensor([1.0, 2.0, 0.0]), torch.tensor([-5.0, -1.0, 3.0])]
+    merged = merging.ties(base, experts, density=1.0)
+    # entry 0: mass 1 + 1 - 5 < 0 -> only the -5 agrees; entry 1: mass 2 > 0 -> mean(1, 2); entry 2: mass 2 > 0 -> 3
+    assert merged.tolist() == [-5.0, 1.5, 3.0]
+    x = [_randn(50, seed=i) for i in range(3)]
+    assert torch.allclose(merging.ties(torch.zeros(50), x, 0.3, lam=0.8), ref.ties(torch.zeros(50), x, 0.3, 0.8))
+
+
+def test_dare_is_seeded_and_unbiased():
+    delta = _randn(20000, seed=4)
+    first = merging.dare(delta, 0.3, torch.Generator().manual_seed(7))
+    again = merging.dare(delta, 0.3, torch.Generator().manual_seed(7))
+    assert torch.equal(first, again)
+    kept = (first != 0).float().mean().item()
+    assert abs(kept - 0.3) < 0.02
+    assert torch.allclose(first[first != 0], delta[first != 0] / 0.3)
+    assert torch.equal(first, ref.dare(delta, 0.3, torch.Generator().manual_seed(7)))
+    mean = torch.stack([merging.dare(delta[:50], 0.5, torch.Generator().manual_seed(s)) for s in range(4000)]).mean(0)
+    assert torch.allclose(mean, delta[:50], atol=0.1)  # E[dare(delta)] = delta: the rescaling keeps the sum
+    with pytest.raises(ValueError, match="density"):
+        merging.dare(delta, 0.0, torch.Generator())
+
+
+def test_dare_merge_masks_depend_on_name_and_expert_only():
+    base, e = torch.zeros(100), [_randn(100, seed=1), _randn(100, seed=2)]
+    one = merging.dare_merge(base, e, 0.5, seed=3, name="x")
+    assert torch.equal(one, merging.dare_merge(base, e, 0.5, seed=3, name="x"))
+    assert not torch.equal(one, merging.dare_merge(base, e, 0.5, seed=3, name="y"))
+
+
+# ------------------------------------------------------------------------------- safetensors I/O
+
+def test_streaming_writer_round_trips_through_safetensors(tmp_path):
+    tensors = {"a": _randn(3, 4), "b": torch.arange(6, dtype=torch.int64).reshape(2, 3),
+               "c": _randn(5).to(torch.bfloat16), "d": torch.zeros(0)}
+    writer = merging.SafetensorsWriter(tmp_path / "x.safetensors", [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()])
+    for k, v in tensors.items():
+        writer.write(k, v)
+    writer.close()
+    loaded = load_file(tmp_path / "x.safetensors")
+    assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
+    save_file(tensors, tmp_path / "y.safetensors")
+    infos = merging.read_header(tmp_path / "y.safetensors")
+    assert all(torch.equal(merging.read_tensor(infos[k]), v) for k, v in tensors.items())
+    with pytest.raises(ValueError, match="expected tensor 'a'"):
+        merging.SafetensorsWriter(tmp_path / "z.safetensors", [("a", torch.float32, (2,))]).write("b", torch.zeros(2))
+
+
+def _copy_base(dest, shift: float, seed: int):
+    shutil.copytree(base_model_dir("tiny"), dest)
+    state = load_file(dest / "model.safetensors")
+    g = torch.Generator().manual_seed(seed)
+    state = {k: v + shift * torch.randn(v.shape, generator=g) for k, v in state.items()}
+    save_file(state, dest / "model.safetensors", metadata={"format": "pt"})
+    return state
+
+
+@pytest.fixture(scope="module")
+def experts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("experts")
+    states = {name: _copy_base(root / name, 0.01, i) for i, name in enumerate(("a", "b"))}
+    return root, states, load_file(base_model_dir("tiny") / "model.safetensors")
+
+
+@pytest.mark.parametrize("method, knobs", [
+    ("linear", {"weights": [0.3, 0.7]}), ("task_arithmetic", {"lam": 0.8}), ("slerp", {"t": 0.4}),
+    ("ties", {"density": 0.3}), ("dare", {"density": 0.5, "seed": 2}),
+    ("dare", {"density": 0.5, "sign_election": True}),
+])
+def test_streamed_merge_equals_the_in_memory_merge(experts, tmp_path, method, knobs):
+    root, states, base_state = experts
+    base = base_model_dir("tiny") if merging.NEEDS_BASE[method] else None
+    report = merging.merge_checkpoints([root / "a", root / "b"], tmp_path / "m", method, base=base, **knobs)
+    merged = load_file(tmp_path / "m" / "model.safetensors")
+    for name in merged:
+        expected = merging.merge_tensor(method, name, base_state[name] if base else None,
+                                        [states["a"][name], states["b"][name]], **knobs)
+        assert torch.equal(merged[name], expected), name
+    assert report.n_tensors == len(merged) and (tmp_path / "m" / "config.json").exists()
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tmp_path / "m")  # a loadable model folder
+
+
+def test_tensor_fn_runs_your_rule_on_real_checkpoints(experts, tmp_path):
+    root, states, base_state = experts
+    merging.merge_checkpoints([root / "a", root / "b"], tmp_path / "m", "task_arithmetic", base=base_model_dir("tiny"),
+                              tensor_fn=lambda name, b, e: ref.task_arithmetic(b, e, [1.0, 1.0], 0.5))
+    merged = load_file(tmp_path / "m" / "model.safetensors")
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert torch.allclose(merged[name], base_state[name] + 0.5 * (states["a"][name] + states["b"][name] - 2 * base_state[name]))
+
+
+def test_errors_name_the_offending_tensor_or_argument(experts, tmp_path):
+    root, states, _ = experts
+    odd = tmp_path / "odd"
+    shutil.copytree(root / "a", odd)
+    state = dict(states["a"])
+    state["model.layers.1.mlp.up_proj.weight"] = torch.zeros(3, 3)
+    save_file(state, odd / "model.safetensors")
+    with pytest.raises(ValueError, match="'model.layers.1.mlp.up_proj.weight' has shape"):
+        merging.merge_checkpoints([root / "a", odd], tmp_path / "m", "linear")
+    del state["model.layers.1.mlp.up_proj.weight"]
+    save_file(state, odd / "model.safetensors")
+    with pytest.raises(ValueError, match="'model.layers.1.mlp.up_proj.weight' is missing"):
+        merging.merge_checkpoints([root / "a", odd], tmp_path / "m", "linear")
+    other = tmp_path / "other"
+    shutil.copytree(base_model_dir("micro"), other)
+    with pytest.raises(ValueError, match="hidden_size"):
+        merging.merge_checkpoints([root / "a", other], tmp_path / "m", "linear")
+    cases = [
+        (dict(method="linear", weights=[1.0]), "1 weights for 2 models"),
+        (dict(method="ties", density=0.0, base=base_model_dir("tiny")), r"density must be in \(0, 1\]"),
+        (dict(method="dare", density=1.5, base=base_model_dir("tiny")), r"density must be in \(0, 1\]"),
+        (dict(method="slerp", t=1.5), r"t must be in \[0, 1\]"),
+        (dict(method="ties", density=0.5), "needs base="),
+        (dict(method="median"), "unknown merge method"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            merging.merge_checkpoints([root / "a", root / "b"], tmp_path / "m", **kwargs)
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        merging.Checkpoint(tmp_path)
+
+
+@pytest.mark.slow
+def test_merge_streams_one_tensor_at_a_time(tmp_path):
+    # three 512 MiB checkpoints (32 tensors of 16 MiB): loading them whole would take 1.5 GiB
+    n_tensors, numel = 32, 4 * 2**20
+    one_tensor_mib = numel * 4 / 2**20
+    folders = []
+    for m in range(3):
+        folder = tmp_path / f"m{m}"
+        folder.mkdir()
+        specs = [(f"layer{i}.weight", torch.float32, (numel,)) for i in range(n_tensors)]
+        writer = merging.SafetensorsWriter(folder / "model.safetensors", specs)
+        for i in range(n_tensors):
+            writer.write(f"layer{i}.weight", torch.full((numel,), float(m + i)))
+        writer.close()
+        folders.append(folder)
+    total_mib = 3 * n_tensors * one_tensor_mib
+    # working sets: task arithmetic holds the 3 inputs and a few temporaries, TIES also its masks
+    for method, knobs, bound in (("task_arithmetic", {}, 12), ("ties", {"density": 0.5}, 24)):
+        with measure_peak_memory("cpu") as peak:
+            merging.merge_checkpoints(folders[1:], tmp_path / method, method, base=folders[0], **knobs)
+        assert peak.peak_mib < bound * one_tensor_mib <= total_mib / 4, (method, peak.peak_mib, total_mib)
+        out = merging.Checkpoint(tmp_path / method)
+        assert torch.equal(out["layer3.weight"][:4], torch.full((4,), 6.0 if method == "task_arithmetic" else 4.5))  # deltas 1, 2
+
+
+def test_task_vector_statistics(experts):
+    root, _, _ = experts
+    stats = merging.task_vectors(base_model_dir("tiny"), {"a": root / "a", "b": root / "b"})
+    assert set(stats["expert"]) == {"a", "b"} and (stats["norm"] > 0).all()
+    overlap = merging.interference(base_model_dir("tiny"), root / "a", root / "b", density=0.2).set_index("tensor")
+    assert abs(overlap.loc["all", "cosine"]) < 0.05  # independent noise: orthogonal task vectors
+    assert 0.4 < overlap.loc["all", "sign_conflict"] < 0.6 and overlap.loc["all", "topk_overlap"] < 0.2
+
+
+def test_mergekit_config_round_trips_through_yaml():
+    config = yaml.safe_load(merging.mergekit_config("ties", ["org/code", "org/sql"], base="org/base",
+                                                    density=0.4, weights=[1.0, 0.5], lam=1.2))
+    assert config["merge_method"] == "ties" and config["base_model"] == "org/base"
+    assert config["models"][1] == {"model": "org/sql", "parameters": {"weight": 0.5, "density": 0.4}}
+    assert config["parameters"] == {"lambda": 1.2, "normalize": True}
+    slerp = yaml.safe_load(merging.mergekit_config("slerp", ["a", "b"], t=0.3))
+    assert slerp["base_model"] == "a" and slerp["parameters"] == {"t": 0.3}
+    dare = yaml.safe_load(merging.mergekit_config("dare", ["a", "b"], base="c", density=0.5, sign_election=True))
+    assert dare["merge_method"] == "dare_ties"
+    with pytest.raises(ValueError, match="needs base="):
+        merging.mergekit_config("task_arithmetic", ["a", "b"])
+    assert json.dumps(config)  # plain data only

@@ -168,17 +168,28 @@ def train_sft(model, tokenizer, dataset, profile: Profile, peft_config=None, cal
 
 def fine_tune(model, tokenizer, rows, profile: Profile, steps: int, learning_rate: float | None = None,
               peft_config=None, loss_penalty=None):
-    """Fine-tune on ``rows`` (a list of rows of any format, or a tokenized Dataset) for ``steps`` steps.
+    """Fine-tune on ``rows`` (a list of rows, or a Dataset) for ``steps`` steps.
 
-    Full fine-tuning uses the profile's ``full_ft_learning_rate`` unless told otherwise, PEFT its
-    ``learning_rate``. Returns the :class:`~labhelpers.training.TrainResult`.
+    Chat or completion rows of one format go to TRL as they are (chat rows train with
+    ``assistant_only_loss``, completion rows with ``completion_only_loss``); plain text and rows of
+    several formats are tokenized first (:func:`labhelpers.data.tokenize_rows`: the same masks, and
+    long text is cut into pieces instead of truncated). Full fine-tuning uses the profile's
+    ``full_ft_learning_rate`` unless told otherwise, PEFT its ``learning_rate``.
+    Returns the :class:`~labhelpers.training.TrainResult`.
     """
     from datasets import Dataset
 
-    from labhelpers.data import tokenize_rows
+    from labhelpers.data import FORMAT_COLUMNS, row_format, tokenize_rows
 
-    dataset = rows if isinstance(rows, Dataset) else Dataset.from_list(
-        tokenize_rows(rows, tokenizer, profile.max_seq_length))
+    if isinstance(rows, Dataset):
+        dataset = rows
+    else:
+        formats = {row_format(row) for row in rows}
+        if formats in ({"chat"}, {"completion"}):
+            columns = FORMAT_COLUMNS[formats.pop()]
+            dataset = Dataset.from_list([{c: row[c] for c in columns} for row in rows])
+        else:
+            dataset = Dataset.from_list(tokenize_rows(rows, tokenizer, profile.max_seq_length))
     lr = learning_rate or (profile.learning_rate if peft_config is not None else profile.full_ft_learning_rate)
     return train_sft(model, tokenizer, dataset, profile, peft_config=peft_config, loss_penalty=loss_penalty,
                      max_steps=steps, learning_rate=lr, warmup_steps=max(1, steps // 20))

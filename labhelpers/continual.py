@@ -186,7 +186,6 @@ def fisher_diagonal(model, tokenizer, texts: Sequence[str], seq_len: int = 128, 
     fisher = {n: torch.zeros_like(p) for n, p in params.items()}
     was_training = model.training
     model.eval()
-    n_batches = 0
     for i in range(0, len(blocks), batch_size):
         batch = blocks[i:i + batch_size].to(model.device)
         model.zero_grad(set_to_none=True)
@@ -194,9 +193,9 @@ def fisher_diagonal(model, tokenizer, texts: Sequence[str], seq_len: int = 128, 
         for n, p in params.items():
             if p.grad is not None:
                 fisher[n] += p.grad.detach().pow(2)
-        n_batches += 1
     model.zero_grad(set_to_none=True)
     model.train(was_training)
+    # the sum over batches, normalised by its mean: the batch count cancels
     mean = torch.cat([f.flatten() for f in fisher.values()]).mean()
     return {n: f / mean for n, f in fisher.items()}
 

@@ -163,13 +163,16 @@ def saved_size_mib(model, adapter_only: bool) -> float:
 
 
 def compare_methods(methods: list[str], profile: Profile, task: str = "code", adapter_cls=None,
-                    bottleneck: int = 16, keep: tuple[str, ...] = ()):
+                    bottleneck: int = 16, keep: tuple[str, ...] = (), overrides: dict | None = None,
+                    curves: bool = False):
     """Train every method on the same data with the same step budget and measure it.
 
     Returns a DataFrame, one row per method: trainable parameters (absolute and %), peak memory,
     seconds per step, final training loss, score on the test split and on the held-out slice (where
     the task has one), and the size of what must be saved. With ``keep``, also returns
-    ``{method: (trained model, tokenizer)}`` for those methods: ``(df, kept)``.
+    ``{method: (trained model, tokenizer)}`` for those methods: ``(df, kept)``. ``overrides`` go to
+    every run's ``SFTConfig`` (e.g. ``{"optim": "adamw_bnb_8bit"}``); ``curves`` adds each run's loss
+    curve (a DataFrame) in a ``loss_curve`` column.
     """
     import gc
 
@@ -184,8 +187,10 @@ def compare_methods(methods: list[str], profile: Profile, task: str = "code", ad
     for name in methods:
         setup = prepare(name, profile, adapter_cls=adapter_cls, bottleneck=bottleneck)
         tokenizer = setup["tokenizer"]
-        result = train_sft(dataset=train, profile=profile, **setup)
+        result = train_sft(dataset=train, profile=profile, **setup, **(overrides or {}))
         row = {"method": name, **result.summary()}
+        if curves:
+            row["loss_curve"] = result.loss_curve
         for split in ("test", "heldout"):
             try:
                 scored = evaluate_task(result.model, tokenizer, task, split, profile.n_eval, profile.eval_batch_size)

@@ -118,3 +118,35 @@ def heatmaps(frames: Mapping[str, pd.DataFrame], title: str, xlabel: str, ylabel
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
     fig.suptitle(title)
     return fig
+
+
+def stacked_bars(df: pd.DataFrame, x: str, parts: Mapping[str, str], title: str, ylabel: str,
+                 marker: str | None = None, marker_label: str = "measured peak"):
+    """One stacked bar per row: the columns of ``parts`` (``{column: legend label}``) on top of each
+    other; ``marker`` (a column) is drawn as a black tick on each bar (e.g. the measured peak)."""
+    use_style()
+    fig, ax = plt.subplots(figsize=(max(6.4, 0.55 * len(df) + 2), 4.0))
+    labels = df[x].astype(str)
+    bottom = np.zeros(len(df))
+    for column, label in parts.items():
+        ax.bar(labels, df[column], bottom=bottom, label=label)
+        bottom += df[column].to_numpy(dtype=float)
+    if marker is not None:
+        ax.scatter(labels, df[marker], marker="_", s=400, color="k", zorder=3, label=marker_label)
+    plt.setp(ax.get_xticklabels(), rotation=60, ha="right", rotation_mode="anchor")
+    ax.set(title=title, xlabel=x, ylabel=ylabel)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def levels_histogram(values, levels, title: str, xlabel: str):
+    """Histogram of ``values`` with vertical lines at the quantization ``levels``."""
+    use_style()
+    fig, ax = plt.subplots()
+    ax.hist(np.asarray(values).ravel(), bins=120, color="tab:blue", alpha=0.7, density=True)
+    for level in np.asarray(levels):
+        ax.axvline(level, color="tab:red", linewidth=0.8)
+    ax.set(title=title, xlabel=xlabel, ylabel="density (1 / unit of x)")
+    fig.tight_layout()
+    return fig

@@ -152,6 +152,7 @@ def train_sft(model, tokenizer, dataset, profile: Profile, peft_config=None, cal
                              peft_config=peft_config, callbacks=[recorder, *callbacks_for(peft_config), *callbacks])
         trainer.remove_callback(PrinterCallback)  # the recorder's progress bar replaces per-step log lines
         counts = count_parameters(trainer.model)
+        warn_if_too_large(model, peft_config, profile, overrides)
         start = time.perf_counter()
         with measure_peak_memory(profile.device) as peak:
             trainer.train()
@@ -164,6 +165,20 @@ def train_sft(model, tokenizer, dataset, profile: Profile, peft_config=None, cal
     return TrainResult(model=trained, loss_curve=pd.DataFrame(recorder.losses, columns=["step", "loss"]),
                        sec_per_step=statistics.median(timed), peak_mib=peak.peak_mib, train_seconds=train_seconds,
                        steps=steps, trainable_params=counts["trainable"], total_params=counts["total"])
+
+
+def warn_if_too_large(model, peft_config, profile: Profile, overrides: dict) -> None:
+    """Before training: estimate the run's peak memory (:func:`labhelpers.memory.check_fits`) and warn
+    with a :class:`~labhelpers.memory.DoesNotFitWarning` if the device cannot hold it."""
+    from labhelpers.memory import check_fits
+
+    quantized = any(getattr(p, "quant_state", None) is not None for p in model.parameters())
+    base = "full" if peft_config is None else ("qlora" if quantized else "lora")
+    gc = overrides.get("gradient_checkpointing", profile.gradient_checkpointing)
+    method = base + ("+gc" if gc else "") + ("+8bit" if "8bit" in str(overrides.get("optim", "")) else "")
+    check_fits(model, method, overrides.get("per_device_train_batch_size", profile.batch_size),
+               overrides.get("max_length", profile.max_seq_length), profile.device, profile.dtype,
+               lora_r=getattr(peft_config, "r", None) or profile.lora_r)
 
 
 def fine_tune(model, tokenizer, rows, profile: Profile, steps: int, learning_rate: float | None = None,

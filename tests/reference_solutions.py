@@ -144,3 +144,67 @@ def ties(base, experts, density, lam):
 def dare(delta, density, generator):
     keep = torch.rand(delta.shape, generator=generator) < density
     return delta * keep / density
+
+
+# ---- Lab 4
+
+NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+       -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+       0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+       0.7229568362236023, 1.0]
+
+
+def quantize_nf4(x, blocksize):
+    code = torch.tensor(NF4)
+    flat = x.reshape(-1).float()
+    n = flat.numel()
+    nblocks = -(-n // blocksize)
+    padded = torch.nn.functional.pad(flat, (0, nblocks * blocksize - n)).reshape(nblocks, blocksize)
+    absmax = padded.abs().amax(dim=1)
+    scaled = padded * (1.0 / absmax.clamp(min=1e-38))[:, None]
+    if n % blocksize:  # bitsandbytes divides the tail block instead of multiplying by the reciprocal
+        scaled[-1] = padded[-1] / absmax[-1].clamp(min=1e-38)
+    scaled = scaled.clamp(-1, 1).reshape(-1)[:n]
+    if n % 2:
+        scaled = torch.nn.functional.pad(scaled, (0, 1))
+    codes = torch.bucketize(scaled, (code[:-1] + code[1:]) / 2).to(torch.uint8)
+    return (codes[0::2] << 4) | codes[1::2], absmax
+
+
+def quantize_nf4_nearest_by_argmin_low_nibble_first(x, blocksize):
+    packed, absmax = quantize_nf4(x, blocksize)
+    return (packed << 4) | (packed >> 4), absmax  # nibbles swapped: a classic packing bug
+
+
+def dequantize_nf4(packed, absmax, shape, blocksize):
+    code = torch.tensor(NF4)
+    n = math.prod(shape)
+    flat = packed.reshape(-1)
+    codes = torch.stack([flat >> 4, flat & 15], dim=1).reshape(-1)[:n].long()
+    return (code[codes] * absmax.repeat_interleave(blocksize)[:n]).reshape(shape)
+
+
+def dequantize_nf4_one_scale(packed, absmax, shape, blocksize):
+    return dequantize_nf4(packed, absmax.max().expand(absmax.shape).clone(), shape, blocksize)
+
+
+def double_quantize(absmax, blocksize):
+    from labhelpers.quantization import DoubleQuant, dynamic_map
+
+    code = dynamic_map()
+    offset = absmax.mean()
+    centred = absmax - offset
+    n = centred.numel()
+    nblocks = -(-n // blocksize)
+    padded = torch.nn.functional.pad(centred, (0, nblocks * blocksize - n)).reshape(nblocks, blocksize)
+    absmax2 = padded.abs().amax(dim=1)
+    scaled = (padded / absmax2[:, None]).reshape(-1)[:n]
+    codes = (scaled[:, None] - code).abs().argmin(dim=1).to(torch.uint8)
+    return DoubleQuant(codes=codes, absmax2=absmax2, offset=float(offset), blocksize=blocksize)
+
+
+def double_quantize_without_offset(absmax, blocksize):
+    from labhelpers.quantization import DoubleQuant, quantize_blockwise_8bit, dynamic_map
+
+    codes, absmax2 = quantize_blockwise_8bit(absmax, dynamic_map(), blocksize)
+    return DoubleQuant(codes=codes, absmax2=absmax2, offset=0.0, blocksize=blocksize)

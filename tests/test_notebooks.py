@@ -72,8 +72,29 @@ def _lab3(m: dict) -> None:
         assert m[f"adapter_{combination}_average"] > 0
 
 
+def _lab4(m: dict) -> None:
+    assert m["profile"] == "ci"
+    # the analytical breakdown matches the measured one within 10% on every run of the grid
+    assert m["breakdown_runs"] >= 12 and m["breakdown_max_total_error_pct"] <= 10
+    assert m["breakdown_max_peak_error_pct"] <= 15
+    # NF4 with double quantization: at most 0.53 bytes per parameter, no more error than plain NF4
+    assert m["nf4_dq_bytes_per_param"] <= 0.53 and m["nf4_bits_per_param"] == pytest.approx(4.5, abs=0.01)
+    assert m["int8_relative_error"] < m["nf4_dq_relative_error"] < 0.12
+    # checkpointing cuts activation memory at least 2x; 8-bit AdamW's states are about 4x smaller
+    assert m["gc_activation_reduction"] >= 2 and m["adam8bit_state_ratio"] >= 3.5
+    assert m["accumulation_peak_ratio"] >= 2
+    # memory drops from full to LoRA to QLoRA, and further with checkpointing + 8-bit AdamW; all still learn
+    assert m["qlora_peak_mib"] < m["lora_peak_mib"] < m["full_peak_mib"]
+    assert m["qlora_gc_8bit_peak_mib"] < m["qlora_peak_mib"] / 2
+    for method in ("full", "lora", "qlora", "qlora_gc_8bit"):
+        assert m[f"{method}_pass_at_1"] >= 0.5, method
+    assert m["plan_7b_qlora_fits_16gb"] and not m["plan_7b_full_fits_80gb"]
+    # two FSDP ranks each hold about half of the model states
+    assert m["fsdp_max_rank_share"] <= 0.55
+
+
 EFFECTS: dict[str, Callable[[dict], None]] = {"demo_lab": _demo, "lab1_peft": _lab1, "lab2_domain": _lab2,
-                                              "lab3_merging": _lab3}
+                                              "lab3_merging": _lab3, "lab4_memory": _lab4}
 NOTEBOOKS = discover(FIXTURES) + discover(REPO_ROOT / "solutions")
 
 

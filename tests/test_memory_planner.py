@@ -1,0 +1,166 @@
+"""Lab 4's memory accounting: the estimate agrees with the measurement, and the planner is sane."""
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from labhelpers import memory
+from labhelpers.memory import MiB
+
+METHODS = ("full", "lora", "qlora", "full+gc", "lora+8bit", "qlora+gc+8bit")
+
+
+@pytest.fixture(scope="module")
+def grid(ci_profile):
+    return memory.breakdown_grid(ci_profile, methods=METHODS, batch_sizes=(2, 16), seq_lens=(32, 160))
+
+
+def test_estimate_agrees_with_measurement_within_10_percent(grid):
+    assert len(grid) == len(METHODS) * 4
+    for part in ("weights", "gradients", "optimizer", "activations", "total"):
+        measured, estimated = grid[f"measured {part} (MiB)"], grid[f"estimated {part} (MiB)"]
+        error = ((estimated - measured).abs() / measured).max()
+        assert error <= 0.10, (part, grid.loc[((estimated - measured).abs() / measured).idxmax()].to_dict())
+    # the peak adds what is alive but not saved (logits and their gradient, the recomputed layer)
+    assert grid["peak error (%)"].abs().max() <= 15
+
+
+def test_gradient_checkpointing_cuts_activations_at_least_2x(ci_profile):
+    sweep = memory.checkpointing_sweep(ci_profile, seq_lens=(64, 160), batch_size=8, steps=2)
+    acts = sweep.pivot(index="seq_len", columns="checkpointing", values="activations (MiB)")
+    assert (acts[False] / acts[True] >= 2).all(), acts
+
+
+def test_qlora_peak_below_lora_below_full(ci_profile):
+    arch = memory.profile_architecture(ci_profile)
+    batch = memory.make_batch(arch.vocab, ci_profile.batch_size, ci_profile.max_seq_length)
+    peaks = {}
+    for method in ("full", "lora", "qlora"):
+        model, optimizer = memory.setup_training(method, ci_profile)
+        peaks[method] = memory.measure_training_step(model, batch, optimizer).peak
+    assert peaks["qlora"] < peaks["lora"] < peaks["full"], peaks
+
+
+def test_saved_activations_skip_parameters_and_count_storages_once():
+    layer = torch.nn.Linear(64, 64)
+    x = torch.randn(8, 64, requires_grad=True)
+    with memory.saved_activations(layer) as saved:
+        y = layer(x)
+        z = (y * y).sum()  # y saved twice by mul: counted once
+    assert saved.bytes == x.numel() * 4 + y.numel() * 4
+    view = x[:4]
+    assert memory.tensor_bytes([x, view, layer.weight]) == x.numel() * 4 + layer.weight.numel() * 4
+    z.backward()
+
+
+def test_accumulation_and_autocast_shrink_activations(ci_profile):
+    table = memory.accumulation_table(ci_profile, effective_batch=8, micro_batches=(8, 2), seq_len=64,
+                                      precisions=(None, "bfloat16"))
+    fp32 = table[table["precision"] == "float32"].set_index("micro-batch")
+    bf16 = table[table["precision"] == "bfloat16"].set_index("micro-batch")
+    assert fp32.loc[2, "activations (MiB)"] == pytest.approx(fp32.loc[8, "activations (MiB)"] / 4, rel=0.02)
+    assert fp32.loc[2, "peak (MiB)"] < fp32.loc[8, "peak (MiB)"]
+    assert bf16.loc[8, "activations (MiB)"] < fp32.loc[8, "activations (MiB)"]
+
+
+def test_eight_bit_adam_states_are_about_a_quarter(ci_profile):
+    table = memory.optimizer_memory(ci_profile, optimizers=("adamw_torch", "adamw_bnb_8bit"), batch_size=2, seq_len=32)
+    states = table.set_index("optimizer")["bytes per trainable parameter"]
+    assert states["adamw_torch"] == pytest.approx(8, abs=0.01) and 2 <= states["adamw_bnb_8bit"] < 2.2
+
+
+def test_shipped_architectures_have_their_published_sizes():
+    published = {"llama-3.2-1b": 1.236, "llama-3.2-3b": 3.213, "llama-2-7b": 6.738, "llama-2-13b": 13.016,
+                 "llama-3.1-70b": 70.554, "qwen2.5-coder-0.5b": 0.494, "qwen2.5-coder-1.5b": 1.544,
+                 "codellama-7b": 6.739}
+    assert set(memory.list_architectures()) == set(published)
+    for name, billions in published.items():
+        assert memory.architecture(name).billions == pytest.approx(billions, abs=0.002), name
+    assert memory.architecture("7B") == memory.architecture("llama-2-7b")
+
+
+def test_planner_orders_methods_and_sizes():
+    plan = memory.plan_grid(sizes=("1B", "7B", "70B"), gpus=(16, 80))
+    peak = plan.pivot(index="method", columns="size", values="peak (GB)")
+    assert (peak["1B"] < peak["7B"]).all() and (peak["7B"] < peak["70B"]).all()
+    assert (peak.loc["qlora+gc+8bit"] < peak.loc["qlora"]).all() and (peak.loc["qlora"] < peak.loc["full"]).all()
+    seven = plan[plan["size"] == "7B"].set_index("method")
+    assert seven.loc["qlora+gc+8bit", "fits 16 GB"] and not seven.loc["full", "fits 80 GB"]
+    # 7B full fine-tuning in bf16 with AdamW: 2 + 2 + 8 bytes per parameter before activations
+    assert seven.loc["full", "weights (GB)"] + seven.loc["full", "gradients (GB)"] + seven.loc["full", "optimizer (GB)"] \
+        == pytest.approx(6.738 * 12, rel=0.01)
+
+
+def test_zero_formulas():
+    psi, n = 7.5e9, 64  # the ZeRO paper's example: 7.5B parameters on 64 GPUs, K = 12
+    per_gpu = {stage: sum(memory.zero_per_gpu(psi, n, stage).values()) / 1e9 for stage in range(4)}
+    assert per_gpu[0] == pytest.approx(120) and per_gpu[1] == pytest.approx(31.4, abs=0.1)
+    assert per_gpu[2] == pytest.approx(16.6, abs=0.1) and per_gpu[3] == pytest.approx(1.9, abs=0.1)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: memory.plan("7B", -8), "gpu_memory_gb must be a positive number"),
+    (lambda: memory.plan("7B", 0), "gpu_memory_gb must be a positive number"),
+    (lambda: memory.plan("7B", 24, methods=["magic"]), "unknown method 'magic'"),
+    (lambda: memory.plan("7B", 24, methods=["lora+fast"]), "unknown method"),
+    (lambda: memory.plan("9B", 24), "unknown model '9B'.*size label"),
+    (lambda: memory.plan("7B", 24, batch_size=0), "batch_size must be a positive number"),
+    (lambda: memory.plan("7B", 24, seq_len=-1), "seq_len must be a positive number"),
+    (lambda: memory.plan("7B", 24, headroom=1.5), "headroom"),
+    (lambda: memory.estimate_training_step("7B", "lora", 1, 128, dtype="int3"), "unknown dtype"),
+    (lambda: memory.estimate_training_step("7B", "lora", 1, 128, lora_r=0), "lora_r must be a positive"),
+    (lambda: memory.zero_per_gpu(1e9, 8, 4), "ZeRO stage must be one of"),
+    (lambda: memory.architecture(42), "expected a name"),
+])
+def test_planner_rejects_nonsense(call, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        call()
+
+
+def test_check_fits_warns_only_when_it_does_not_fit():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        memory.check_fits("7B", "full", 1, 2048, "cpu", "bfloat16", available=24 * 2**30)
+        memory.check_fits("1B", "qlora+gc+8bit", 1, 512, "cpu", "bfloat16", available=24 * 2**30)
+    assert len(caught) == 1 and issubclass(caught[0].category, memory.DoesNotFitWarning)
+    assert "will not fit" in str(caught[0].message) and "gradient checkpointing" in str(caught[0].message)
+
+
+def test_training_warns_before_a_run_that_cannot_fit(ci_profile, monkeypatch):
+    from labhelpers.models import load_model
+    from labhelpers.tasks import task_rows
+    from labhelpers.training import fine_tune
+
+    model, tokenizer = load_model(ci_profile)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 1 * MiB)
+    with pytest.warns(memory.DoesNotFitWarning, match="will not fit"):
+        fine_tune(model, tokenizer, task_rows("code", "train", 8), ci_profile, steps=1)
+
+
+def test_accelerate_configs_load():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    folder = Path(__file__).resolve().parent.parent / "configs" / "accelerate"
+    kinds = {p.stem: load_config_from_file(str(p)) for p in folder.glob("*.yaml")}
+    assert {"fsdp", "fsdp_qlora", "deepspeed_zero2", "deepspeed_zero3", "fsdp_cpu_2proc"} <= set(kinds)
+    assert kinds["deepspeed_zero2"].deepspeed_config["zero_stage"] == 2
+    assert kinds["deepspeed_zero3"].deepspeed_config["zero_stage"] == 3
+    assert kinds["fsdp_qlora"].fsdp_config["fsdp_cpu_ram_efficient_loading"] is True
+    assert str(kinds["fsdp"].distributed_type) == "DistributedType.FSDP"
+
+
+@pytest.mark.slow
+def test_fsdp_two_processes_each_hold_half(tmp_path):
+    from labhelpers import fsdp_demo
+
+    single = fsdp_demo.launch(1, tmp_path / "one.json", steps=2)
+    ranks = fsdp_demo.launch(2, tmp_path / "two.json", steps=2)
+    assert [r["rank"] for r in ranks] == [0, 1] and all(r["fsdp"] and r["world_size"] == 2 for r in ranks)
+    whole = single[0]["weights"] + single[0]["gradients"] + single[0]["optimizer"]
+    for r in ranks:
+        share = (r["weights"] + r["gradients"] + r["optimizer"]) / whole
+        assert 0.45 <= share <= 0.55, share
+        assert all(torch.isfinite(torch.tensor(r["losses"])))
+    assert sum(r["weights"] for r in ranks) == pytest.approx(single[0]["weights"], rel=0.01)

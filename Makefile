@@ -17,12 +17,13 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 export MPLBACKEND ?= Agg
 
-.PHONY: setup data base-model labs test release jupyter autograde feedback clean help
+.PHONY: setup browser data base-model labs test release jupyter check autograde feedback grades clean help
 
 help:
 	@echo "make labs     run every lab headlessly (PROFILE=auto|ci|cpu|t4|gpu-24gb) into build/"
 	@echo "make test     unit tests, notebook runs (ci profile), nbgrader round trip"
-	@echo "make setup | data | base-model [SIZE=micro|tiny|small] | release | jupyter | autograde LAB=... | feedback LAB=..."
+	@echo "make check LAB=...  run your notebook the way the grader does and list which exercises pass"
+	@echo "make setup | data | base-model [SIZE=micro|tiny|small] | release | jupyter | autograde LAB=... | feedback LAB=... | grades"
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +36,16 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+# The browser test drives Debian's Chromium (JupyterLab renders each released lab).
+CHROMIUM ?= /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+$(CHROMIUM):
+	@command -v apt-get >/dev/null || { echo "install Chromium (Debian/Ubuntu package chromium) for the browser test"; exit 1; }
+	$(SUDO) apt-get update -qq
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
+
+browser: $(CHROMIUM)
+
 data: setup
 	$(PY) -m labhelpers.tasks
 
@@ -44,7 +55,7 @@ base-model: data
 labs: setup
 	$(PY) -m labhelpers.runner --profile $(PROFILE) --out build
 
-test: setup
+test: setup $(CHROMIUM)
 	$(PY) -m pytest -q
 
 release: setup
@@ -53,11 +64,17 @@ release: setup
 jupyter: setup
 	$(VENV)/bin/jupyter lab --notebook-dir=labs
 
+check: setup
+	$(PY) -m labhelpers.grading check $(LAB)
+
 autograde: setup
 	$(PY) -m labhelpers.grading autograde $(LAB)
 
 feedback: setup
 	$(PY) -m labhelpers.grading feedback $(LAB)
+
+grades: setup
+	$(PY) -m labhelpers.grading export
 
 clean:
 	rm -rf build autograded feedback gradebook.db .pytest_cache

@@ -1,9 +1,14 @@
-"""The nbgrader pipeline: release ``solutions/`` into ``labs/``, autograde, feedback, grades.
+"""The nbgrader pipeline: release ``solutions/`` into ``labs/``, check, autograde, feedback, grades.
 
-``python -m labhelpers.grading release|autograde LAB|feedback LAB|export`` is what the Makefile
-calls. :func:`round_trip` drives a whole cycle in a scratch course folder (tests use it): release a
-lab, submit the solution and the untouched release as two students, autograde both and return
-their scores.
+``python -m labhelpers.grading release | check NOTEBOOK | autograde LAB | feedback LAB | export`` is
+what the Makefile calls. :func:`round_trip` drives a whole cycle in a scratch course folder (tests use
+it): release a lab, submit the solution and the untouched release as two students, autograde both
+and return their scores.
+
+Grading runs student code. Notebooks execute in their own kernel, one cell at a time with a time
+limit (``nbgrader_config.py``: 900 s, or ``timeout_s``), in the smallest profile (``smoke``) unless
+``SFTLABS_PROFILE`` says otherwise; locked cells (the tests) are restored from the gradebook before
+execution, so a student cannot edit the asserts away. See the instructor guide for the trust model.
 """
 
 from __future__ import annotations
@@ -31,14 +36,26 @@ def nbgrader(args: list[str], course_dir: Path, env: dict | None = None, timeout
     return proc.stdout + proc.stderr
 
 
+GRADING_PROFILE = "smoke"  # every graded notebook runs its cells in the smallest profile
+
+
+def grading_env(env: dict | None = None) -> dict:
+    """Environment for running student notebooks: the grading profile unless one is set already."""
+    return {"SFTLABS_PROFILE": os.environ.get("SFTLABS_PROFILE", GRADING_PROFILE), **(env or {})}
+
+
 def lab_names(course_dir: Path = REPO_ROOT) -> list[str]:
     return [p.stem for p in discover(course_dir / "solutions")]
 
 
 def release(course_dir: Path = REPO_ROOT, labs: list[str] | None = None) -> list[Path]:
-    """Generate the student version of each lab into ``labs/`` (solutions and hidden tests removed)."""
+    """Generate the student version of each lab into ``labs/`` (solutions and hidden tests removed),
+    after syncing each source's Colab badge and setup cell (:mod:`labhelpers.colab`)."""
+    from labhelpers.colab import sync_notebook
+
     out = []
     for lab in labs or lab_names(course_dir):
+        sync_notebook(course_dir / "solutions" / lab / f"{lab}.ipynb")
         nbgrader(["generate_assignment", lab, "--force"], course_dir)
         out.append(course_dir / "labs" / lab / f"{lab}.ipynb")
     return out
@@ -62,8 +79,81 @@ def submit(course_dir: Path, student: str, lab: str, notebook: Path) -> Path:
     return target / f"{lab}.ipynb"
 
 
-def autograde(course_dir: Path, lab: str, env: dict | None = None) -> str:
-    return nbgrader(["autograde", lab, "--force"], course_dir, env=env)
+def autograde(course_dir: Path, lab: str, env: dict | None = None, timeout_s: int | None = None) -> str:
+    """Autograde every submission of ``lab``; ``timeout_s`` overrides the per-cell time limit."""
+    limit = [f"--Execute.timeout={timeout_s}"] if timeout_s else []
+    return nbgrader(["autograde", lab, "--force", *limit], course_dir, env=grading_env(env))
+
+
+def feedback(course_dir: Path, lab: str) -> list[Path]:
+    """Generate the HTML feedback of every autograded submission; returns the files."""
+    nbgrader(["generate_feedback", lab, "--force"], course_dir)
+    return sorted((course_dir / "feedback").glob(f"*/{lab}/*.html"))
+
+
+def export(course_dir: Path) -> Path:
+    """Export the gradebook to ``grades.csv`` (one row per student and assignment) and return it."""
+    nbgrader(["export", "--to", str(course_dir / "grades.csv")], course_dir)
+    return course_dir / "grades.csv"
+
+
+def check(notebook: Path, env: dict | None = None, timeout_s: int = 900) -> "pd.DataFrame":
+    """Run a student's notebook the way the grader does (``nbgrader validate``: a fresh kernel, every
+    cell in order, the grading profile) and return one row per graded test cell: points, passed, the
+    error's last line. Prints the table. A notebook whose graded cells were changed is reported too."""
+    import pandas as pd
+    from nbgrader.validator import Validator
+    from traitlets.config import Config
+
+    notebook = Path(notebook).resolve()
+    if not notebook.exists():
+        raise FileNotFoundError(f"{notebook} does not exist; pass the path of your lab notebook, "
+                                "e.g. labs/lab1_peft/lab1_peft.ipynb")
+    config = Config()
+    config.Execute.timeout = timeout_s
+    validator = Validator(config=config)
+    old = {k: os.environ.get(k) for k in grading_env(env)}
+    os.environ.update(grading_env(env))
+    try:
+        with _chdir(notebook.parent):
+            import nbformat
+
+            nb = validator._preprocess(nbformat.read(notebook.name, as_version=4))
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    changed = {id(c) for c in validator._get_changed_cells(nb)}
+    rows = []
+    for cell in nb.cells:
+        meta = cell.metadata.get("nbgrader", {})
+        if not meta.get("grade"):
+            continue
+        errors = [o for o in cell.get("outputs", []) if o.get("output_type") == "error"]
+        rows.append({"exercise": meta["grade_id"], "points": meta.get("points", 0),
+                     "passed": not errors and id(cell) not in changed,
+                     "problem": ("this graded cell was changed: restore it from the released lab" if id(cell) in changed
+                                 else f"{errors[0]['ename']}: {errors[0]['evalue']}"[:200] if errors else "")})
+    table = pd.DataFrame(rows, columns=["exercise", "points", "passed", "problem"])
+    earned = int(table.loc[table["passed"], "points"].sum())
+    print(table.to_string(index=False))
+    print(f"{earned} of {int(table['points'].sum())} points would be awarded by the visible tests "
+          "(the grader also runs hidden tests).")
+    return table
+
+
+class _chdir:
+    def __init__(self, path: Path) -> None:
+        self.path, self.old = path, None
+
+    def __enter__(self):
+        self.old = Path.cwd()
+        os.chdir(self.path)
+
+    def __exit__(self, *exc):
+        os.chdir(self.old)
 
 
 def scores(course_dir: Path, lab: str) -> dict[str, dict]:
@@ -91,10 +181,19 @@ def round_trip(dest: Path, lab: str, source: Path = REPO_ROOT / "solutions", env
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] not in ("release", "autograde", "feedback", "export"):
-        print("usage: python -m labhelpers.grading release | autograde LAB | feedback LAB | export")
+    if not args or args[0] not in ("release", "check", "autograde", "feedback", "export"):
+        print("usage: python -m labhelpers.grading release | check NOTEBOOK | autograde LAB | feedback LAB | export")
         return 2
     command, rest = args[0], args[1:]
+    if command == "check":
+        if not rest:
+            print(f"name the lab: make check LAB=<one of {', '.join(lab_names())}>")
+            return 2
+        target = Path(rest[0])
+        if not target.suffix:  # a lab name: the student's copy in labs/
+            target = REPO_ROOT / "labs" / rest[0] / f"{rest[0]}.ipynb"
+        table = check(target)
+        return 0 if table["passed"].all() else 1
     if command == "release":
         for path in release():
             print(f"released {path.relative_to(REPO_ROOT)}")
@@ -103,8 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"name the lab: make {command} LAB=<one of {', '.join(lab_names())}>")
         return 2
     nb_args = {"autograde": ["autograde", *rest, "--force"], "feedback": ["generate_feedback", *rest, "--force"],
-               "export": ["export"]}[command]
-    print(nbgrader(nb_args, REPO_ROOT))
+               "export": ["export", "--to", "grades.csv"]}[command]
+    print(nbgrader(nb_args, REPO_ROOT, env=grading_env() if command == "autograde" else None))
     if command == "autograde":
         print(json.dumps(scores(REPO_ROOT, rest[0]), indent=2))
     return 0

@@ -92,6 +92,74 @@ def write_summary(runs: list[LabRun], out: Path, profile: str) -> Path:
     return path
 
 
+REPORT_PACKAGES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "datasets", "accelerate", "nbgrader")
+
+
+def environment() -> dict[str, str]:
+    """Python and the versions of the packages the labs run on."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version(), "machine": f"{platform.system()} {platform.machine()}"}
+    for name in REPORT_PACKAGES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def notebook_tables(notebook: Path) -> list[str]:
+    """The HTML of every table (DataFrame) an executed notebook displays, in cell order."""
+    nb = json.loads(Path(notebook).read_text())
+    tables = []
+    for cell in nb["cells"]:
+        for output in cell.get("outputs", []):
+            html = output.get("data", {}).get("text/html")
+            html = "".join(html) if isinstance(html, list) else html
+            if html and "<table" in html:
+                tables.append(html)
+    return tables
+
+
+def write_report(runs: list[LabRun], out: Path, profile: str) -> Path:
+    """``report.html``: for each lab its run time, executed notebook, tables and figures, metrics, and
+    the profile, seed and package versions of the run (self-contained but for the figure files)."""
+    import html
+
+    from labhelpers.profiles import get
+
+    resolved = get(profile)
+    env = environment()
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>SFT Labs results</title><style>",
+             "body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse;font-size:12px;margin:.6em 0}td,th{border:1px solid #ccc;padding:2px 6px}"
+             "img{max-width:100%;border:1px solid #eee;margin:.4em 0}.meta td:first-child{font-weight:bold}",
+             "</style></head><body>", f"<h1>SFT Labs results: profile <code>{html.escape(profile)}</code></h1>",
+             "<table class='meta'>",
+             f"<tr><td>profile</td><td>{html.escape(resolved.name)} (base model {html.escape(resolved.base_model)}, "
+             f"device {resolved.device}, dtype {resolved.dtype})</td></tr>",
+             f"<tr><td>seed</td><td>{resolved.seed}</td></tr>",
+             *[f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in env.items()],
+             f"<tr><td>total run time</td><td>{sum(r.seconds for r in runs):.0f} s</td></tr></table>",
+             "<h2>Contents</h2><ul>", *[f"<li><a href='#{r.lab}'>{r.lab}</a> ({r.seconds:.0f} s)</li>" for r in runs],
+             "</ul>"]
+    for run in runs:
+        rel = run.notebook.relative_to(out)
+        figures = sorted((run.notebook.parent / "figures").glob("fig-*.png"))
+        parts += [f"<h2 id='{run.lab}'>{run.lab}</h2>",
+                  f"<p>run time {run.seconds:.0f} s; executed notebook: <a href='{rel}'>{rel}</a></p>",
+                  "<h3>Measured</h3><table>",
+                  *[f"<tr><td>{html.escape(k)}</td><td>{v:.4g}</td></tr>" if isinstance(v, float)
+                    else f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>" for k, v in run.metrics.items()],
+                  "</table>", "<h3>Tables</h3>", *notebook_tables(run.notebook), "<h3>Figures</h3>",
+                  *[f"<img src='{f.relative_to(out)}' alt='{run.lab} figure {i}'>" for i, f in enumerate(figures, 1)]]
+    parts.append("</body></html>")
+    path = out / "report.html"
+    path.write_text("\n".join(parts))
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run every lab notebook headlessly.")
     parser.add_argument("--profile", default="auto")
@@ -111,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         runs.append(run_lab(nb, args.out, args.profile))
         print(f"  done in {runs[-1].seconds:.0f} s", flush=True)
     print(f"summary: {write_summary(runs, args.out, args.profile)}")
+    print(f"report: {write_report(runs, args.out, args.profile)}")
     return 0
 
 

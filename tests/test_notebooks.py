@@ -126,3 +126,15 @@ def test_relative_output_folder(tmp_path, monkeypatch):
     assert run.metrics["profile"] == "ci"
     assert (tmp_path / "build" / "demo_lab" / "metrics.json").exists()
     assert list((tmp_path / "build" / "demo_lab" / "figures").glob("fig-*.png")), "figures are extracted"
+
+
+@pytest.mark.slow
+def test_report_shows_each_lab_with_its_environment(tmp_path):
+    from labhelpers.runner import write_report
+
+    run = run_lab(FIXTURES / "demo_lab" / "demo_lab.ipynb", tmp_path, profile="ci")
+    report = write_report([run], tmp_path, "ci").read_text()
+    assert "<h2 id='demo_lab'>demo_lab</h2>" in report and "demo_lab/demo_lab.ipynb" in report
+    assert "<img src='demo_lab/figures/fig-01.png'" in report and "<td>mean</td><td>3</td>" in report
+    for field in ("seed", "transformers", "peft", "bitsandbytes", "python", "total run time"):
+        assert f"<td>{field}</td>" in report, field

@@ -1,0 +1,75 @@
+"""Colab: every lab carries the badge and the same setup cell, and the setup cell really installs
+the course into a fresh environment that already has torch, without touching torch."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from labhelpers import colab
+from labhelpers.paths import REPO_ROOT
+from labhelpers.runner import discover
+
+LABS = discover(REPO_ROOT / "labs")
+
+
+@pytest.mark.parametrize("notebook", LABS + discover(REPO_ROOT / "solutions"), ids=lambda p: f"{p.parent.parent.name}/{p.stem}")
+def test_every_lab_has_the_badge_and_the_setup_cell(notebook):
+    nb = json.loads(notebook.read_text())
+    assert "".join(nb["cells"][0]["source"]) == colab.badge(notebook.stem), "run make release"
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    assert "parameters" in code[0]["metadata"].get("tags", [])
+    assert "".join(code[1]["source"]) == colab.setup_cell_source(), "run make release"
+
+
+def test_readme_links_every_lab_on_colab():
+    readme = (REPO_ROOT / "README.md").read_text()
+    for notebook in LABS:
+        assert colab.badge(notebook.stem) in readme, notebook.stem
+
+
+def test_setup_cell_does_nothing_outside_colab(monkeypatch):
+    monkeypatch.delenv("SFTLABS_COLAB", raising=False)
+    before = dict(os.environ)
+    exec(colab.setup_cell_source(), {})
+    assert dict(os.environ) == before
+
+
+def _first_cells(notebook: Path, n: int) -> str:
+    nb = json.loads(notebook.read_text())
+    sources = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"][:n]
+    return "\n".join(sources)
+
+
+@pytest.mark.slow
+def test_setup_cell_installs_the_course_next_to_an_existing_torch(tmp_path):
+    import torch
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    torch_pin = f"torch=={torch.__version__.split('+')[0]}"
+    subprocess.run([python, "-m", "pip", "install", "--quiet", torch_pin], check=True, timeout=900)
+    before = subprocess.run([python, "-c", "import torch; print(torch.__version__, torch.__file__)"],
+                            capture_output=True, text=True, check=True).stdout
+    # the course as Colab gets it: this commit, cloned
+    course = tmp_path / "sft-labs"
+    subprocess.run(["git", "clone", "--quiet", str(REPO_ROOT), str(course)], check=True)
+    script = _first_cells(REPO_ROOT / "labs" / "lab1_peft" / "lab1_peft.ipynb", 3)
+    script += "\nimport labhelpers, torch\nprint('LABHELPERS', labhelpers.__file__)\nprint('PROFILE', profile.name)\n"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SFTLABS_", "VIRTUAL_ENV", "PYTHON"))}
+    env.update(SFTLABS_COLAB="1", SFTLABS_COURSE_DIR=str(course), HF_HUB_OFFLINE="1",
+               PATH=f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}")
+    run = subprocess.run([python, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    assert re.search(r"LABHELPERS .*venv.*site-packages", run.stdout), run.stdout[-2000:]
+    assert "PROFILE cpu" in run.stdout
+    after = subprocess.run([python, "-c", "import torch; print(torch.__version__, torch.__file__)"],
+                           capture_output=True, text=True, check=True).stdout
+    assert after == before, "installing the course changed torch"

@@ -631,18 +631,23 @@ def breakdown_grid(profile, methods=("full", "lora", "qlora", "full+gc", "qlora+
     base model, next to :func:`estimate_training_step`; one row per run, MiB, with relative errors."""
     import pandas as pd
 
+    from tqdm.auto import tqdm
+
     arch = profile_architecture(profile)
     rows = []
+    bar = tqdm(total=len(methods) * len(batch_sizes) * len(seq_lens), desc="measure steps", unit="run")
     for method in methods:
         model, optimizer = setup_training(method, profile)
         for b in batch_sizes:
             for s in seq_lens:
+                bar.update()
                 measured = measure_training_step(model, make_batch(arch.vocab, b, s, device=profile.device), optimizer)
                 estimated = estimate_training_step(arch, method, b, s, dtype=profile.dtype, lora_r=profile.lora_r,
                                                    lora_targets=profile.target_modules,
                                                    lora_dropout=profile.lora_dropout)
                 rows.append(_rows(profile, method, measured, estimated, batch_size=b, seq_len=s))
         del model, optimizer
+    bar.close()
     return pd.DataFrame(rows)
 
 
@@ -750,8 +755,10 @@ def compare_efficiency(profile, methods=("full", "lora", "qlora", "qlora+gc+8bit
 
     arch = profile_architecture(profile)
     batch = make_batch(arch.vocab, profile.batch_size, profile.max_seq_length, device=profile.device)
+    from tqdm.auto import tqdm
+
     rows, curves = [], {}
-    for method in methods:
+    for method in tqdm(methods, desc="methods", unit="method"):
         m = parse_method(method)
         run_profile = profile.with_(gradient_checkpointing=m.gradient_checkpointing,
                                     max_steps=steps or profile.max_steps)

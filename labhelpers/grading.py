@@ -24,12 +24,31 @@ from labhelpers.paths import REPO_ROOT
 from labhelpers.runner import discover
 
 
-def nbgrader(args: list[str], course_dir: Path, env: dict | None = None, timeout_s: int = 3600) -> str:
-    """Run one nbgrader command in ``course_dir``; raise RuntimeError with its log when it fails."""
+def _memory_limit(gib: float | None):
+    """A ``preexec_fn`` capping the address space of nbgrader and every kernel it starts."""
+    if not gib:
+        return None
+
+    def apply() -> None:
+        import resource
+
+        limit = int(gib * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    return apply
+
+
+def nbgrader(args: list[str], course_dir: Path, env: dict | None = None, timeout_s: int = 3600,
+             memory_gib: float | None = None) -> str:
+    """Run one nbgrader command in ``course_dir``; raise RuntimeError with its log when it fails.
+
+    ``memory_gib`` caps the address space of nbgrader and of each kernel it runs (a student's memory
+    bomb then gets ``MemoryError`` in its own cell instead of taking the machine down)."""
     # nbgrader shells out to tools of its environment (alembic, jupyter): put that environment first
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     proc = subprocess.run([sys.executable, "-m", "nbgrader", *args], cwd=course_dir, capture_output=True, text=True,
-                          env={**os.environ, "PATH": path, **(env or {})}, timeout=timeout_s)
+                          env={**os.environ, "PATH": path, **(env or {})}, timeout=timeout_s,
+                          preexec_fn=_memory_limit(memory_gib))
     if proc.returncode != 0:
         raise RuntimeError(f"nbgrader {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}"
                            f"\n{proc.stderr[-3000:]}")
@@ -37,6 +56,7 @@ def nbgrader(args: list[str], course_dir: Path, env: dict | None = None, timeout
 
 
 GRADING_PROFILE = "smoke"  # every graded notebook runs its cells in the smallest profile
+GRADING_MEMORY_GIB = 8.0  # address-space cap of each grading kernel (a smoke-profile lab needs about 1.5)
 
 
 def grading_env(env: dict | None = None) -> dict:
@@ -79,10 +99,12 @@ def submit(course_dir: Path, student: str, lab: str, notebook: Path) -> Path:
     return target / f"{lab}.ipynb"
 
 
-def autograde(course_dir: Path, lab: str, env: dict | None = None, timeout_s: int | None = None) -> str:
-    """Autograde every submission of ``lab``; ``timeout_s`` overrides the per-cell time limit."""
+def autograde(course_dir: Path, lab: str, env: dict | None = None, timeout_s: int | None = None,
+              memory_gib: float = GRADING_MEMORY_GIB) -> str:
+    """Autograde every submission of ``lab``: each in its own kernel, ``timeout_s`` per cell (default:
+    ``nbgrader_config.py``), ``memory_gib`` of address space per process."""
     limit = [f"--Execute.timeout={timeout_s}"] if timeout_s else []
-    return nbgrader(["autograde", lab, "--force", *limit], course_dir, env=grading_env(env))
+    return nbgrader(["autograde", lab, "--force", *limit], course_dir, env=grading_env(env), memory_gib=memory_gib)
 
 
 def feedback(course_dir: Path, lab: str) -> list[Path]:
@@ -203,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     nb_args = {"autograde": ["autograde", *rest, "--force"], "feedback": ["generate_feedback", *rest, "--force"],
                "export": ["export", "--to", "grades.csv"]}[command]
-    print(nbgrader(nb_args, REPO_ROOT, env=grading_env() if command == "autograde" else None))
+    print(nbgrader(nb_args, REPO_ROOT, env=grading_env() if command == "autograde" else None,
+                   memory_gib=GRADING_MEMORY_GIB if command == "autograde" else None))
     if command == "autograde":
         print(json.dumps(scores(REPO_ROOT, rest[0]), indent=2))
     return 0

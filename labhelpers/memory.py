@@ -893,6 +893,23 @@ def check_fits(model, method: "str | Method", batch_size: int, seq_len: int, dev
     return est
 
 
+class DoesNotFitError(MemoryError):
+    """A run's estimated peak memory exceeds what the device has free (see :func:`require_fits`)."""
+
+
+def require_fits(model, method: "str | Method", batch_size: int, seq_len: int, device: str, dtype: str = "float32",
+                 lora_r: int = 16, available: int | None = None) -> StepMemory:
+    """Like :func:`check_fits`, but raise :class:`DoesNotFitError` (naming the need, the free memory
+    and what to change) instead of warning."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        est = check_fits(model, method, batch_size, seq_len, device, dtype, lora_r=lora_r, available=available)
+    for w in caught:
+        if issubclass(w.category, DoesNotFitWarning):
+            raise DoesNotFitError(str(w.message))
+    return est
+
+
 def as_dict(step: StepMemory) -> dict:
     """A :class:`StepMemory` as a plain dict (with ``total``)."""
     return {**asdict(step), "total": step.total}

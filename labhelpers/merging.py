@@ -37,8 +37,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import struct
+import tempfile
 import time
 import zlib
 from dataclasses import dataclass
@@ -194,16 +196,25 @@ class TensorInfo:
     end: int
 
 
+NOT_SAFETENSORS_FIX = ("; if it is a pickle (torch.save), labhelpers will not load it, since unpickling can run code: "
+                       "re-save the model where you trust it with save_pretrained(..., safe_serialization=True)")
+
+
 def read_header(path: Path) -> dict[str, TensorInfo]:
     """Tensor names, dtypes, shapes and byte ranges of a safetensors file, reading only its header."""
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
-            raise ValueError(f"{path} is not a safetensors file (too short)")
+            raise ValueError(f"{path} is not a safetensors file (too short){NOT_SAFETENSORS_FIX}")
         (size,) = struct.unpack("<Q", raw)
         if size > 100_000_000:
-            raise ValueError(f"{path} is not a safetensors file (header of {size} bytes)")
-        header = json.loads(f.read(size))
+            raise ValueError(f"{path} is not a safetensors file (header of {size} bytes){NOT_SAFETENSORS_FIX}")
+        try:
+            header = json.loads(f.read(size))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ValueError(f"{path} is not a safetensors file (its header is not JSON){NOT_SAFETENSORS_FIX}") from None
+        if not isinstance(header, dict):
+            raise ValueError(f"{path} is not a safetensors file (its header is not a table){NOT_SAFETENSORS_FIX}")
     out = {}
     for name, entry in header.items():
         if name == "__metadata__":
@@ -254,6 +265,10 @@ class SafetensorsWriter:
         if tensor.numel():
             self._file.write(memoryview(tensor.contiguous().view(-1).view(torch.uint8).numpy()))
         self._next += 1
+
+    def abort(self) -> None:
+        """Close the file after a failure (the caller removes it)."""
+        self._file.close()
 
     def close(self) -> None:
         self._file.close()
@@ -381,8 +396,24 @@ def merge_checkpoints(models: Sequence[str | Path], out: str | Path, method: str
     base_ckpt = Checkpoint(base) if base is not None else None
     reference = base_ckpt or experts[0]
     check_compatible(reference, [c for c in (*experts, base_ckpt) if c is not None and c is not reference])
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    final = Path(out)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    out = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))  # renamed when complete
+    try:
+        _write_merge(out, experts, base_ckpt, method, tensor_fn, knobs)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(out, final)
+    return MergeReport(final, method, dict(knobs), len(experts[0].tensors),
+                       sum(c.n_bytes for c in experts) + (base_ckpt.n_bytes if base_ckpt else 0),
+                       time.perf_counter() - start)
+
+
+def _write_merge(out: Path, experts, base_ckpt, method: str, tensor_fn, knobs: dict) -> None:
+    """The body of :func:`merge_checkpoints`: config files, then every tensor, into ``out``."""
     first = experts[0]
     for file in first.folder.iterdir():  # config, generation config, tokenizer, chat template
         if file.is_file() and not file.name.startswith("model.safetensors") and file.suffix in (".json", ".jinja", ".txt", ".model"):
@@ -404,11 +435,10 @@ def merge_checkpoints(models: Sequence[str | Path], out: str | Path, method: str
                 writer.write(name, merged)
                 del expert_tensors, base_tensor, merged
                 _return_freed_memory()
-        finally:
-            writer.close()
-    return MergeReport(out, method, dict(knobs), len(first.tensors),
-                       sum(c.n_bytes for c in experts) + (base_ckpt.n_bytes if base_ckpt else 0),
-                       time.perf_counter() - start)
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close()
 
 
 # ----------------------------------------------------------------------------------- task vectors

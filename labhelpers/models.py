@@ -25,6 +25,25 @@ def model_source(name: str) -> str:
     return name
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+def require_safetensors(folder: str | Path) -> None:
+    """Refuse a local model or adapter folder whose weights are only pickles.
+
+    Unpickling can run arbitrary code, so labhelpers loads weights from safetensors only (and any
+    ``torch.load`` it makes uses ``weights_only=True``). Raises ValueError naming the file and the fix.
+    """
+    folder = Path(folder)
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ValueError(f"{folder} holds weights only as pickles ({', '.join(pickles)}); loading a pickle can run "
+                         "code, so labhelpers loads safetensors only. Re-save the model where you trust it with "
+                         "model.save_pretrained(folder, safe_serialization=True).")
+
+
 def quantization_config(quantization: str | None, compute_dtype: torch.dtype):
     """``BitsAndBytesConfig`` for ``nf4`` (4-bit NF4 with double quantization, as in QLoRA) or ``int8``."""
     from transformers import BitsAndBytesConfig
@@ -59,11 +78,13 @@ def load_model(profile: Profile, name: str | None = None, quantization: str | No
     from transformers import AutoModelForCausalLM
 
     source = model_source(name or profile.base_model)
+    require_safetensors(source)
     dtype = getattr(torch, profile.dtype)
     torch.manual_seed(profile.seed)
     model = AutoModelForCausalLM.from_pretrained(
         source, dtype=dtype, quantization_config=quantization_config(quantization, dtype),
-        device_map={"": profile.device} if quantization else None, local_files_only=Path(source).exists())
+        device_map={"": profile.device} if quantization else None, local_files_only=Path(source).exists(),
+        use_safetensors=True)
     if not quantization:
         model.to(profile.device)
     return model, load_tokenizer(profile, name)

@@ -23,6 +23,10 @@ def _lora(profile: Profile, **overrides):
     fields.update(overrides)
     if not isinstance(fields["r"], int) or fields["r"] <= 0:
         raise ValueError(f"LoRA rank r must be a positive integer, got {fields['r']!r}")
+    if not isinstance(fields["lora_alpha"], (int, float)) or fields["lora_alpha"] <= 0:
+        raise ValueError(f"lora_alpha must be positive (the update is scaled by alpha / r), got {fields['lora_alpha']!r}")
+    if not 0 <= fields["lora_dropout"] < 1:
+        raise ValueError(f"lora_dropout must be in [0, 1), got {fields['lora_dropout']!r}")
     return LoraConfig(**fields)
 
 

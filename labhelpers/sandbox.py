@@ -15,12 +15,19 @@ Layers of containment, each sufficient for some attacks and together for all the
    ``ctypes`` and writes outside the working directory raise ``PermissionError``.
 5. **A wall-clock timeout**; on expiry the whole process group is killed.
 
+6. **Answers are judged outside.** A test line ``assert <call> == <literal>`` is split: only the call
+   goes into the sandbox, whose result comes back as a ``repr`` and is compared with the expected
+   value by this process. The expected values never enter the sandbox, so nothing the program does
+   in there (patching ``__eq__``, redefining builtins, walking frames to find the harness, printing
+   fake results) can make a wrong answer pass. Other test lines run inside, as asserts.
+
 A verdict is a pass only if the harness prints a per-run random token after the last test, so
-``sys.exit(0)``/``os._exit(0)`` before the tests or a faked "ok" cannot pass.
+``sys.exit(0)``/``os._exit(0)`` before the tests cannot pass.
 """
 
 from __future__ import annotations
 
+import ast
 import functools
 import os
 import resource
@@ -42,41 +49,51 @@ import sys
 _token = sys.stdin.readline().strip()
 sys.stdin.close()
 def _install_guard():
-    import os
+    import os, sysconfig
     root = os.path.realpath(os.getcwd())
+    readable = (root, *{os.path.realpath(sysconfig.get_paths()[k]) for k in ("stdlib", "platstdlib")})
     blocked = ("subprocess.", "os.fork", "os.forkpty", "os.posix_spawn", "os.exec", "os.spawn", "os.system",
                "os.kill", "os.killpg", "signal.pthread_kill", "socket.", "ctypes.",
                "os.setuid", "os.chroot", "winreg.", "_posixsubprocess", "pty.", "resource.setrlimit")
     writes = ("os.remove", "os.rmdir", "os.rename", "os.mkdir", "os.chmod", "os.chown", "os.symlink",
               "os.link", "os.truncate", "os.utime", "shutil.", "os.unlink")
-    def inside(path):
+    def inside(path, roots):
         try:
-            return os.path.realpath(os.fsdecode(path)).startswith(root + os.sep)
+            real = os.path.realpath(os.fsdecode(path))
         except Exception:
             return False
+        return any(real == r or real.startswith(r + os.sep) for r in roots)
     def guard(event, args):
         if event.startswith(blocked):
             raise PermissionError(f"sandbox: {event} is not allowed")
         if event == "open" and args:
             path, mode, flags = (list(args) + [None, None])[:3]
+            if not isinstance(path, (str, bytes, os.PathLike)):
+                return
             writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or \
                       (isinstance(flags, int) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND))
-            if writing and isinstance(path, (str, bytes, os.PathLike)) and not inside(path):
+            if writing and not inside(path, (root,)):
                 raise PermissionError(f"sandbox: writing {path!r} outside the working directory")
+            if not writing and not inside(path, readable):
+                raise PermissionError(f"sandbox: reading {path!r} outside the working directory")
         if event.startswith(writes) and args and isinstance(args[0], (str, bytes, os.PathLike)) \
-                and not inside(args[0]):
+                and not inside(args[0], (root,)):
             raise PermissionError(f"sandbox: {event} outside the working directory")
     sys.addaudithook(guard)
 _install_guard()
 del _install_guard
 _code = open("candidate.py").read()
 _tests = open("tests.py").read().splitlines()
+_calls = open("calls.py").read().splitlines()
 _ns = {"__name__": "__candidate__"}
 exec(compile(_code, "candidate.py", "exec"), _ns)
 for _line in _tests:
     if _line.strip():
         exec(compile(_line, "tests.py", "exec"), _ns)
-sys.stdout.write("\n" + _token + "\n")
+_results = []
+for _call in _calls:
+    _results.append(repr(eval(compile(_call, "calls.py", "eval"), _ns)))
+sys.stdout.write("\n" + "".join(f"\x00RESULT {i} {r}\n" for i, r in enumerate(_results)) + _token + "\n")
 sys.stdout.flush()
 '''
 
@@ -123,11 +140,55 @@ def _limits(memory_mb: int, cpu_s: int, file_mb: int):
     return apply
 
 
+def split_test(line: str) -> tuple[str, object] | None:
+    """``"assert f([1]) == 2"`` -> ``("f([1])", 2)``: the call to run inside and the expected value to
+    compare outside; None for a line of another form (a literal is anything ``ast.literal_eval`` reads)."""
+    try:
+        tree = ast.parse(line.strip())
+    except SyntaxError:
+        return None
+    if len(tree.body) != 1 or not isinstance(tree.body[0], ast.Assert) or tree.body[0].msg is not None:
+        return None
+    test = tree.body[0].test
+    if not (isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq)):
+        return None
+    try:
+        expected = ast.literal_eval(test.comparators[0])
+    except ValueError:
+        return None
+    return ast.unparse(test.left), expected
+
+
+def _results(stdout: bytes, token: str, n: int) -> list[object] | None:
+    """The harness's results (``None`` if the harness did not finish): the block right before the token."""
+    text = stdout.decode("utf-8", "replace").rstrip()
+    if not text.endswith(token):
+        return None
+    lines = text[: -len(token)].rstrip("\n").split("\n")
+    block = lines[len(lines) - n:] if n else []
+    if len(block) != n:
+        return None
+    values = []
+    for i, line in enumerate(block):
+        prefix = f"\x00RESULT {i} "
+        if not line.startswith(prefix):
+            return None
+        try:
+            values.append(ast.literal_eval(line[len(prefix):]))
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            values.append(_NOT_A_LITERAL)
+    return values
+
+
+_NOT_A_LITERAL = object()
+
+
 def run_python(code: str, tests: Sequence[str] = (), timeout_s: float = 5.0, memory_mb: int = 512,
                max_output_bytes: int = 64_000) -> SandboxResult:
-    """Run ``code`` then each ``assert`` line of ``tests`` in the sandbox.
+    """Run ``code`` then ``tests`` in the sandbox.
 
-    ``passed`` is True only when every test line ran without an exception within the limits.
+    Lines ``assert <call> == <literal>`` are judged outside (see the module docstring); any other line
+    runs inside as written. ``passed`` is True only when every test passed within the limits.
     Never raises for anything the code does; raises ValueError for a non-positive limit.
     """
     if timeout_s <= 0 or memory_mb <= 0:
@@ -139,7 +200,11 @@ def run_python(code: str, tests: Sequence[str] = (), timeout_s: float = 5.0, mem
     try:
         (workdir / "harness.py").write_text(HARNESS)
         (workdir / "candidate.py").write_text(code)
-        (workdir / "tests.py").write_text("\n".join(tests) + "\n")
+        split = [split_test(t) for t in tests]
+        calls = [pair for pair in split if pair is not None]
+        inside = [t for t, pair in zip(tests, split) if pair is None]
+        (workdir / "tests.py").write_text("\n".join(inside) + "\n")
+        (workdir / "calls.py").write_text("".join(call + "\n" for call, _ in calls))
         if prefix and "setpriv" in prefix:
             os.chown(workdir, NOBODY, NOBODY)
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": str(workdir), "TMPDIR": str(workdir)}
@@ -154,9 +219,12 @@ def run_python(code: str, tests: Sequence[str] = (), timeout_s: float = 5.0, mem
                 timed_out = True
             finally:
                 _kill_group(proc)
-        stdout = (logdir / "out").read_bytes()[:max_output_bytes].decode("utf-8", "replace")
+        raw = (logdir / "out").read_bytes()
+        stdout = raw[:max_output_bytes].decode("utf-8", "replace")
         stderr = (logdir / "err").read_bytes()[:max_output_bytes].decode("utf-8", "replace")
-        passed = not timed_out and proc.returncode == 0 and stdout.rstrip().endswith(token)
+        values = _results(raw, token, len(calls)) if not timed_out and proc.returncode == 0 else None
+        passed = values is not None and all(v is not _NOT_A_LITERAL and v == e
+                                            for v, (_, e) in zip(values, calls))
         return SandboxResult(passed, proc.returncode, timed_out, stdout, stderr)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

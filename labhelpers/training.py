@@ -8,10 +8,14 @@ rows on the completion only (``completion_only_loss``).
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
 import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import pandas as pd
@@ -101,19 +105,48 @@ def sft_config(profile: Profile, dataset_format: str, output_dir: str, **overrid
     return SFTConfig(**fields)
 
 
-def _penalized_trainer(loss_penalty: Callable[[torch.nn.Module], torch.Tensor]):
-    """An ``SFTTrainer`` subclass whose training loss is the task loss plus ``loss_penalty(model)``."""
+def trainer_class(loss_penalty: Callable[[torch.nn.Module], torch.Tensor] | None = None):
+    """The ``SFTTrainer`` subclass every run uses.
+
+    * Checkpoints are written atomically: into ``<output_dir>/.staging/checkpoint-N``, then renamed to
+      ``<output_dir>/checkpoint-N``. A run killed while saving leaves no half-written checkpoint for
+      ``resume`` to trip on (``transformers`` itself writes in place).
+    * With ``loss_penalty``, the training loss is the task loss plus ``loss_penalty(model)``.
+    """
     from trl import SFTTrainer
 
-    class PenalizedSFTTrainer(SFTTrainer):
+    class SFTLabsTrainer(SFTTrainer):
+        def _save_checkpoint(self, model, trial):
+            final = Path(self.args.output_dir)
+            staging = final / ".staging"
+            shutil.rmtree(staging, ignore_errors=True)
+            self.args.output_dir = str(staging)
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self.args.output_dir = str(final)
+            for folder in staging.glob("checkpoint-*"):  # (a model card beside them is dropped)
+                target = final / folder.name
+                if target.exists():
+                    shutil.rmtree(target)
+                os.replace(folder, target)
+            shutil.rmtree(staging, ignore_errors=True)
+            if self.args.should_save:
+                from transformers.trainer_utils import rotate_checkpoints
+
+                rotate_checkpoints(output_dir=str(final), save_total_limit=self.args.save_total_limit,
+                                   best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             out = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                        num_items_in_batch=num_items_in_batch)
+            if loss_penalty is None:
+                return out
             loss, outputs = out if return_outputs else (out, None)
             loss = loss + loss_penalty(model)
             return (loss, outputs) if return_outputs else loss
 
-    return PenalizedSFTTrainer
+    return SFTLabsTrainer
 
 
 def _drop_fused_head(model) -> None:
@@ -124,7 +157,8 @@ def _drop_fused_head(model) -> None:
 
 
 def train_sft(model, tokenizer, dataset, profile: Profile, peft_config=None, callbacks=(),
-              loss_penalty: Callable[[torch.nn.Module], torch.Tensor] | None = None, **overrides) -> TrainResult:
+              loss_penalty: Callable[[torch.nn.Module], torch.Tensor] | None = None,
+              checkpoint_dir: str | Path | None = None, save_steps: int | None = None, **overrides) -> TrainResult:
     """Fine-tune ``model`` on ``dataset`` with TRL's ``SFTTrainer`` and measure the run.
 
     Args:
@@ -135,19 +169,28 @@ def train_sft(model, tokenizer, dataset, profile: Profile, peft_config=None, cal
         peft_config: a ``peft`` config (LoRA, DoRA, IA3, ...) or None for full fine-tuning.
         loss_penalty: ``model -> scalar tensor`` added to every step's loss (e.g. an L2-to-base or EWC
             penalty, see :mod:`labhelpers.continual`); the logged loss includes it.
+        checkpoint_dir: keep checkpoints there (every ``save_steps`` steps, the last two) and, if it
+            already holds one, resume from the latest: optimizer, scheduler, RNG and data order included,
+            so an interrupted run ends where an uninterrupted one would.
         overrides: ``SFTConfig`` fields to change for this run, e.g. ``max_steps=50``.
     """
-    from trl import SFTTrainer
+    from transformers.trainer_utils import get_last_checkpoint
 
     from labhelpers.data import validate_rows
     from labhelpers.peft_methods import callbacks_for
 
     fmt = validate_rows(dataset)
     recorder = _Recorder(desc="fine-tune" if peft_config is None else f"fine-tune ({type(peft_config).__name__})")
-    with tempfile.TemporaryDirectory(prefix="sftlabs-train-") as out:
+    if checkpoint_dir is not None:
+        if not save_steps or save_steps < 1:
+            raise ValueError(f"checkpoint_dir needs save_steps >= 1 (how often to save), got {save_steps!r}")
+        Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
+        overrides = {"save_strategy": "steps", "save_steps": save_steps, "save_total_limit": 2, **overrides}
+    resume = get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir is not None else None
+    with (tempfile.TemporaryDirectory(prefix="sftlabs-train-") if checkpoint_dir is None
+          else contextlib.nullcontext(str(checkpoint_dir))) as out:
         torch.manual_seed(profile.seed)
-        trainer_cls = SFTTrainer if loss_penalty is None else _penalized_trainer(loss_penalty)
-        trainer = trainer_cls(model=model, args=sft_config(profile, fmt, out, **overrides),
+        trainer = trainer_class(loss_penalty)(model=model, args=sft_config(profile, fmt, out, **overrides),
                              train_dataset=sft_dataset(dataset), processing_class=tokenizer,
                              peft_config=peft_config, callbacks=[recorder, *callbacks_for(peft_config), *callbacks])
         trainer.remove_callback(PrinterCallback)  # the recorder's progress bar replaces per-step log lines
@@ -155,7 +198,7 @@ def train_sft(model, tokenizer, dataset, profile: Profile, peft_config=None, cal
         warn_if_too_large(model, peft_config, profile, overrides)
         start = time.perf_counter()
         with measure_peak_memory(profile.device) as peak:
-            trainer.train()
+            trainer.train(resume_from_checkpoint=resume)
         train_seconds = time.perf_counter() - start
     trained = trainer.model
     _drop_fused_head(trained)
@@ -208,3 +251,46 @@ def fine_tune(model, tokenizer, rows, profile: Profile, steps: int, learning_rat
     lr = learning_rate or (profile.learning_rate if peft_config is not None else profile.full_ft_learning_rate)
     return train_sft(model, tokenizer, dataset, profile, peft_config=peft_config, loss_penalty=loss_penalty,
                      max_steps=steps, learning_rate=lr, warmup_steps=max(1, steps // 20))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m labhelpers.training --task code --steps 40 --save-steps 10 --out DIR``: a resumable
+    run of the profile's base model (full fine-tuning, or ``--method lora``); run it again after an
+    interruption and it continues from the last checkpoint. Writes ``DIR/result.json``."""
+    import argparse
+    import json
+
+    from labhelpers import profiles
+    from labhelpers.models import load_model
+    from labhelpers.peft_methods import peft_config as make_peft_config
+    from labhelpers.tasks import task_rows
+
+    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    parser.add_argument("--task", default="code")
+    parser.add_argument("--profile", default="ci")
+    parser.add_argument("--method", default="full", choices=("full", "lora"))
+    parser.add_argument("--steps", type=int, required=True)
+    parser.add_argument("--save-steps", type=int, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    profile = profiles.get(args.profile).with_(max_steps=args.steps)
+    model, tokenizer = load_model(profile)
+    config = make_peft_config(args.method, profile)
+    from datasets import Dataset
+
+    rows = Dataset.from_list(task_rows(args.task, "train"))
+    result = train_sft(model, tokenizer, rows, profile, peft_config=config, checkpoint_dir=args.out / "checkpoints",
+                       save_steps=args.save_steps, learning_rate=profile.learning_rate if config else profile.full_ft_learning_rate)
+    curve = result.loss_curve
+    report = {"final_loss": result.final_loss, "last_step": int(curve["step"].iloc[-1]),
+              "last_step_loss": float(curve["loss"].iloc[-1]), "losses": curve.to_dict("list"), "steps": result.steps}
+    tmp = args.out / "result.json.tmp"
+    tmp.write_text(json.dumps(report) + "\n")
+    tmp.replace(args.out / "result.json")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -47,6 +47,7 @@ def _student_notebooks(course: Path) -> dict[str, dict]:
         "wrong": copy({**GOOD, "mean_of": "def mean_of(xs):\n    return sum(xs) / (len(xs) + 1)\n"}),
         "crashes": copy({**GOOD, "mean_of": "def mean_of(xs):\n    raise RuntimeError('oops')\n"}),
         "hangs": copy({**GOOD, "mean_of": "def mean_of(xs):\n    while True:\n        pass\n"}),
+        "memory_hog": copy({**GOOD, "mean_of": "def mean_of(xs):\n    hog = bytearray(64 * 2**30)\n    return 0\n"}),
         "tampered": tampered,
         "deleted": deleted,
         "reordered": reordered,
@@ -92,6 +93,12 @@ def test_a_hanging_cell_times_out_and_the_rest_is_graded(graded):
     _, scores, seconds = graded
     assert scores["hangs"]["cells"] == {"test_mean_of": 0, "test_largest": 1}
     assert seconds < 240  # seven students, one of them hanging: the per-cell limit ends it
+
+
+@pytest.mark.slow
+def test_a_memory_bomb_fails_its_own_exercise_only(graded):
+    _, scores, _ = graded
+    assert scores["memory_hog"]["cells"] == {"test_mean_of": 0, "test_largest": 1}
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ import psutil
 import pytest
 
 from labhelpers import sandbox
+from labhelpers.paths import REPO_ROOT
 
 GOOD = "def f(x):\n    return x + 1\n"
 TESTS = ["assert f(1) == 2"]
@@ -28,7 +29,38 @@ HOSTILE = {
     "fake_success_output": "print('ok')\nraise SystemExit(0)\n",
     "huge_output": "import sys\nwhile True:\n    sys.stdout.write('x' * 65536)\n",
     "deep_recursion": "def f(x):\n    return f(x)\nf(1)\n",
+    "read_outside_tmp": "secret = open('/etc/passwd').read()\n",
+    "read_parent_environment": "import os\nleak = open(f'/proc/{os.getppid()}/environ').read()\n",
+    "read_the_course_repo": f"leak = open({str(REPO_ROOT / 'pyproject.toml')!r}).read()\n",
+    "ctypes_segfault": "import ctypes\nctypes.string_at(0)\n",
+    "c_stack_overflow": "import sys\nsys.setrecursionlimit(10**8)\ndef r(n):\n    return r(n + 1)\nr(0)\n",
+    "abort": "import os\nos.abort()\n",
+    "os_system": "import os\nos.system('touch /tmp/sftlabs-pwned.txt')\n",
+    "signal_parent_term": "import os, signal\nos.kill(os.getppid(), signal.SIGTERM)\n",
+    "sleep_forever": "import time\ntime.sleep(3600)\n",
+    "threads_that_never_end": "import threading\nfor _ in range(50):\n    threading.Thread(target=lambda: [0 for _ in iter(int, 1)]).start()\n",
+    "too_many_files": "handles = [open(f'f{i}', 'w') for i in range(1000)]\n",
+    "fill_the_disk": "open('big', 'wb').write(b'0' * 200 * 2**20)\n",
+    "atexit_exit_zero": "import atexit, os\natexit.register(lambda: os._exit(0))\nraise RuntimeError('fail, then exit 0 at exit')\n",
+    # tampering with the tests: an answer that equals everything, and theft of the harness's token
+    "always_equal_answer": "class Anything:\n    def __eq__(self, other):\n        return True\n    __hash__ = None\n"
+                           "def f(x):\n    return Anything()\n",
+    "steal_token_and_fake_results": "import __main__, os, sys\n"
+                                    "sys.stdout.write('\\x00RESULT 0 2\\n' + __main__._token + '\\n'); sys.stdout.flush()\n"
+                                    "os._exit(0)\n",
+    "patch_builtins": "import builtins\nbuiltins.AssertionError = type('Quiet', (Exception,), {})\n"
+                      "def f(x):\n    return 0\n",
 }
+
+
+# expected values the programs never see (they are compared outside the sandbox)
+HIDDEN_TESTS = ["assert f(41) == 42", "assert f(-1) == 0"]
+
+
+def _program(name: str) -> str:
+    """The hostile code, followed by a correct ``f`` unless the hostile code brings its own."""
+    code = HOSTILE[name]
+    return code if "def f(" in code else code + GOOD
 
 
 @pytest.fixture
@@ -57,7 +89,7 @@ def test_failing_assertion_fails(leftovers):
 @pytest.mark.parametrize("name", sorted(HOSTILE))
 def test_hostile_program_is_contained(name, leftovers):
     start = time.perf_counter()
-    result = sandbox.run_python(HOSTILE[name] + GOOD, TESTS, timeout_s=3, memory_mb=256)
+    result = sandbox.run_python(_program(name), HIDDEN_TESTS, timeout_s=3, memory_mb=256)
     assert not result.passed
     assert time.perf_counter() - start < 10
     assert not os.path.exists("/tmp/sftlabs-pwned.txt")
@@ -95,3 +127,41 @@ def test_bad_limits_and_mismatched_batch_raise():
         sandbox.run_python(GOOD, TESTS, timeout_s=0)
     with pytest.raises(ValueError, match="one test list per program"):
         sandbox.run_tests_batch([GOOD, GOOD], [TESTS])
+
+
+def test_the_whole_hostile_suite_in_one_batch(leftovers):
+    """Every hostile program at once, two at a time: all fail, the good ones around them pass, and the
+    time the suite takes is reported (and kept in build/sandbox-suite.json)."""
+    import json
+
+    from labhelpers.paths import build_dir
+
+    names = sorted(HOSTILE)
+    assert len(names) >= 20
+    codes = [GOOD] + [_program(n) for n in names] + [GOOD]
+    start = time.perf_counter()
+    verdicts = sandbox.run_tests_batch(codes, [HIDDEN_TESTS] * len(codes), timeout_s=3)
+    seconds = time.perf_counter() - start
+    assert verdicts[0] and verdicts[-1], "good programs around the hostile ones still pass"
+    assert not any(verdicts[1:-1]), [n for n, v in zip(names, verdicts[1:-1]) if v]
+    assert not os.path.exists("/tmp/sftlabs-pwned.txt")
+    report = {"programs": len(names), "seconds": round(seconds, 2), "isolation": " ".join(sandbox.isolation()) or "none"}
+    build_dir().mkdir(parents=True, exist_ok=True)
+    (build_dir() / "sandbox-suite.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"hostile suite: {len(names)} programs in {seconds:.1f} s")
+
+
+def test_split_test_keeps_expected_values_outside():
+    assert sandbox.split_test("assert f([1, 2]) == [2, 3]") == ("f([1, 2])", [2, 3])
+    assert sandbox.split_test("assert f(1) == 2, 'message'") is None
+    assert sandbox.split_test("assert f(1) > 2") is None
+    assert sandbox.split_test("assert f(1) == g(2)") is None
+    assert sandbox.split_test("print(1)") is None
+
+
+def test_an_answer_of_the_wrong_value_fails_and_equal_values_pass():
+    assert sandbox.run_python("def f(x):\n    return float(x + 1)\n", HIDDEN_TESTS).passed  # 42.0 == 42
+    assert not sandbox.run_python("def f(x):\n    return str(x + 1)\n", HIDDEN_TESTS).passed
+    # non-literal lines still run inside, as asserts
+    assert sandbox.run_python(GOOD, ["assert f(1) > 1"]).passed
+    assert not sandbox.run_python(GOOD, ["assert f(1) > 5"]).passed

@@ -17,11 +17,12 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 export MPLBACKEND ?= Agg
 
-.PHONY: setup browser data base-model labs test release jupyter check autograde feedback grades clean help
+.PHONY: setup browser data base-model labs test bench gpu-smoke release jupyter check autograde feedback grades clean help
 
 help:
 	@echo "make labs     run every lab headlessly (PROFILE=auto|ci|cpu|t4|gpu-24gb) into build/"
 	@echo "make test     unit tests, notebook runs (ci profile), nbgrader round trip"
+	@echo "make bench    benchmarks side by side -> build/bench.md, build/bench.json; make gpu-smoke on a CUDA machine"
 	@echo "make check LAB=...  run your notebook the way the grader does and list which exercises pass"
 	@echo "make setup | data | base-model [SIZE=micro|tiny|small] | release | jupyter | autograde LAB=... | feedback LAB=... | grades"
 
@@ -57,6 +58,12 @@ labs: setup
 
 test: setup $(CHROMIUM)
 	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) -m labhelpers.bench --out build
+
+gpu-smoke: setup
+	$(PY) -m labhelpers.gpu_smoke --out build/gpu-smoke.json
 
 release: setup
 	$(PY) -m labhelpers.grading release

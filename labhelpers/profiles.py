@@ -42,6 +42,7 @@ class Profile:
     gradient_checkpointing: bool
     n_eval: int | None
     eval_batch_size: int
+    fused_lm_head: bool = True  # TRL's chunked log-prob head: less memory on big vocabularies, slower on small
     seed: int = 0
 
     def with_(self, **changes) -> "Profile":
@@ -56,12 +57,12 @@ PROFILES: dict[str, Profile] = {
                   device="cpu", dtype="float32", max_seq_length=160, batch_size=16,
                   gradient_accumulation_steps=1, max_steps=300, learning_rate=3e-3, full_ft_learning_rate=1e-3,
                   lora_r=4, lora_alpha=16, lora_dropout=0.0, target_modules=_ATTN_MLP,
-                  gradient_checkpointing=False, n_eval=100, eval_batch_size=100),
+                  gradient_checkpointing=False, n_eval=100, eval_batch_size=100, fused_lm_head=False),
     "cpu": Profile(name="cpu", base_model="tiny", large_model="tiny", sweep_models=("micro", "tiny"),
                    device="cpu", dtype="float32", max_seq_length=160, batch_size=16,
                    gradient_accumulation_steps=1, max_steps=800, learning_rate=3e-3, full_ft_learning_rate=1e-3,
                    lora_r=4, lora_alpha=16, lora_dropout=0.0, target_modules=_ATTN_MLP,
-                   gradient_checkpointing=False, n_eval=None, eval_batch_size=100),
+                   gradient_checkpointing=False, n_eval=None, eval_batch_size=100, fused_lm_head=False),
     "t4": Profile(name="t4", base_model="Qwen/Qwen2.5-Coder-0.5B-Instruct",
                   large_model="codellama/CodeLlama-7b-Instruct-hf",
                   sweep_models=("Qwen/Qwen2.5-Coder-0.5B-Instruct", "Qwen/Qwen2.5-Coder-1.5B-Instruct"),

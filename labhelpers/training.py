@@ -105,17 +105,29 @@ def sft_config(profile: Profile, dataset_format: str, output_dir: str, **overrid
     return SFTConfig(**fields)
 
 
-def trainer_class(loss_penalty: Callable[[torch.nn.Module], torch.Tensor] | None = None):
+def trainer_class(loss_penalty: Callable[[torch.nn.Module], torch.Tensor] | None = None, fused_lm_head: bool = True):
     """The ``SFTTrainer`` subclass every run uses.
+
+    * ``fused_lm_head=False`` drops TRL's chunked log-probability head and trains on the model's own
+      cross-entropy over the collator's labels (the same loss: -100 outside the trained tokens, summed
+      and divided by the batch's trained tokens). The fused head saves memory on large vocabularies
+      (a GPU profile keeps it) but costs time on small ones: it also computes entropy and token
+      accuracy every step (see ``make bench``).
 
     * Checkpoints are written atomically: into ``<output_dir>/.staging/checkpoint-N``, then renamed to
       ``<output_dir>/checkpoint-N``. A run killed while saving leaves no half-written checkpoint for
       ``resume`` to trip on (``transformers`` itself writes in place).
     * With ``loss_penalty``, the training loss is the task loss plus ``loss_penalty(model)``.
     """
+    from transformers import Trainer
     from trl import SFTTrainer
 
     class SFTLabsTrainer(SFTTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            if not fused_lm_head:
+                _drop_fused_head(self.model)
+
         def _save_checkpoint(self, model, trial):
             final = Path(self.args.output_dir)
             staging = final / ".staging"
@@ -138,8 +150,13 @@ def trainer_class(loss_penalty: Callable[[torch.nn.Module], torch.Tensor] | None
                                    best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            out = super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                       num_items_in_batch=num_items_in_batch)
+            if fused_lm_head:
+                out = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                           num_items_in_batch=num_items_in_batch)
+            else:  # transformers' Trainer: the model's loss on the masked labels
+                inputs["use_cache"] = False
+                out = Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
+                                           num_items_in_batch=num_items_in_batch)
             if loss_penalty is None:
                 return out
             loss, outputs = out if return_outputs else (out, None)
@@ -190,7 +207,7 @@ def train_sft(model, tokenizer, dataset, profile: Profile, peft_config=None, cal
     with (tempfile.TemporaryDirectory(prefix="sftlabs-train-") if checkpoint_dir is None
           else contextlib.nullcontext(str(checkpoint_dir))) as out:
         torch.manual_seed(profile.seed)
-        trainer = trainer_class(loss_penalty)(model=model, args=sft_config(profile, fmt, out, **overrides),
+        trainer = trainer_class(loss_penalty, profile.fused_lm_head)(model=model, args=sft_config(profile, fmt, out, **overrides),
                              train_dataset=sft_dataset(dataset), processing_class=tokenizer,
                              peft_config=peft_config, callbacks=[recorder, *callbacks_for(peft_config), *callbacks])
         trainer.remove_callback(PrinterCallback)  # the recorder's progress bar replaces per-step log lines
@@ -220,7 +237,7 @@ def warn_if_too_large(model, peft_config, profile: Profile, overrides: dict) -> 
     gc = overrides.get("gradient_checkpointing", profile.gradient_checkpointing)
     method = base + ("+gc" if gc else "") + ("+8bit" if "8bit" in str(overrides.get("optim", "")) else "")
     check_fits(model, method, overrides.get("per_device_train_batch_size", profile.batch_size),
-               overrides.get("max_length", profile.max_seq_length), profile.device, profile.dtype,
+               overrides.get("max_length") or profile.max_seq_length, profile.device, profile.dtype,
                lora_r=getattr(peft_config, "r", None) or profile.lora_r)
 
 

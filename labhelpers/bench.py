@@ -1,0 +1,334 @@
+"""``make bench``: performance measured side by side in one run, written to build/bench.md and bench.json.
+
+Every comparison runs its contenders interleaved, ``--repeats`` times, and reports medians and ratios:
+
+* **SFT throughput** on the variable-length ``code`` data: labhelpers' training path
+  (:func:`labhelpers.training.train_sft`) vs TRL's ``SFTTrainer`` with its defaults vs a plain PyTorch
+  loop, same model, rows, batch size and steps; real (non-padding) tokens per second.
+* **Merging**: :func:`labhelpers.merging.merge_checkpoints` (streaming) vs loading whole state dicts,
+  on locally built models of about 100M and 200M parameters: wall time and peak RSS of a subprocess.
+* **Quantization**: the lab's reference NF4 quantizer vs bitsandbytes on CPU, elements per second.
+* **Memory**: measured peak of a full-length training step per method vs the estimator.
+* **Notebooks**: the wall time of each lab as recorded by the last ``make labs`` runs (``build/``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from labhelpers.paths import build_dir
+
+
+def _median(xs):
+    return statistics.median(xs)
+
+
+# ------------------------------------------------------------------------------------------ training
+def _rows(n: int):
+    from labhelpers.tasks import task_rows
+
+    return task_rows("code", "train", n)
+
+
+def _real_tokens(rows, tokenizer, steps: int, batch_size: int) -> int:
+    """Tokens the run really trains on (no padding): ``steps x batch_size`` rows of average length."""
+    from labhelpers.data import tokenize_rows
+
+    lengths = [len(r["input_ids"]) for r in tokenize_rows(rows, tokenizer, 10_000)]
+    return int(steps * batch_size * statistics.mean(lengths))
+
+
+def run_labhelpers(profile, rows, steps: int, **overrides) -> float:
+    """Seconds from rows to a trained model: dataset preparation and training (model loading excluded)."""
+    from datasets import Dataset
+
+    from labhelpers.models import load_model
+    from labhelpers.training import train_sft
+
+    model, tokenizer = load_model(profile)
+    start = time.perf_counter()
+    train_sft(model, tokenizer, Dataset.from_list(rows), profile.with_(max_steps=steps),
+              learning_rate=profile.full_ft_learning_rate, **overrides)
+    return time.perf_counter() - start
+
+
+def run_labhelpers_padding_free(profile, rows, steps: int) -> float:
+    """The same path with TRL's padding-free batching (one flattened sequence per batch, a block-diagonal
+    mask from the position ids); the losses are identical to padded batches."""
+    return run_labhelpers(profile, rows, steps, padding_free=True, max_length=None)
+
+
+def run_trl_default(profile, rows, steps: int) -> float:
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from labhelpers.models import load_model
+
+    model, tokenizer = load_model(profile)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as out:
+        args = SFTConfig(output_dir=out, max_steps=steps, per_device_train_batch_size=profile.batch_size,
+                         learning_rate=profile.full_ft_learning_rate, use_cpu=profile.device == "cpu",
+                         report_to="none", save_strategy="no", disable_tqdm=True, seed=profile.seed)
+        trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer,
+                             train_dataset=Dataset.from_list([{"messages": r["messages"]} for r in rows]))
+        trainer.train()
+        return time.perf_counter() - start
+
+
+def run_plain_loop(profile, rows, steps: int) -> float:
+    import torch
+
+    from labhelpers.data import tokenize_rows
+    from labhelpers.models import load_model
+
+    model, tokenizer = load_model(profile)
+    start = time.perf_counter()
+    examples = tokenize_rows(rows, tokenizer, profile.max_seq_length)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=profile.full_ft_learning_rate)
+    g = torch.Generator().manual_seed(profile.seed)
+    model.train()
+    for _ in range(steps):
+        batch = [examples[i] for i in torch.randint(len(examples), (profile.batch_size,), generator=g)]
+        width = max(len(e["input_ids"]) for e in batch)
+        ids = torch.full((len(batch), width), tokenizer.pad_token_id)
+        labels = torch.full((len(batch), width), -100)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for k, e in enumerate(batch):
+            n = len(e["input_ids"])
+            ids[k, :n], labels[k, :n], mask[k, :n] = torch.tensor(e["input_ids"]), torch.tensor(e["labels"]), 1
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+def bench_training(profile, steps: int, repeats: int) -> dict:
+    from labhelpers.models import load_tokenizer
+
+    rows = _rows(2000)
+    tokens = _real_tokens(rows, load_tokenizer(profile), steps, profile.batch_size)
+    contenders = {"labhelpers": run_labhelpers, "labhelpers_padding_free": run_labhelpers_padding_free,
+                  "trl_default": run_trl_default, "plain_pytorch": run_plain_loop}
+    seconds = {name: [] for name in contenders}
+    for _ in range(repeats):
+        for name, fn in contenders.items():
+            seconds[name].append(fn(profile, rows, steps))
+    out = {name: {"seconds": _median(s), "tokens_per_s": tokens / _median(s), "runs": s} for name, s in seconds.items()}
+    for name in contenders:
+        out[name]["vs_trl_default"] = out[name]["tokens_per_s"] / out["trl_default"]["tokens_per_s"]
+    return {"steps": steps, "batch_size": profile.batch_size, "real_tokens": tokens, "contenders": out}
+
+
+# ------------------------------------------------------------------------------------------- merging
+MERGE_SCRIPT = r"""
+import json, sys, time
+from pathlib import Path
+mode, out, base, a, b = sys.argv[1:6]
+from labhelpers.memory import measure_peak_memory
+from labhelpers.merging import merge_checkpoints
+from safetensors.torch import load_file, save_file
+start = time.perf_counter()
+# RSS sampled during the merge, minus the RSS after the imports (ru_maxrss would count the parent's
+# resident size inherited through fork)
+with measure_peak_memory("cpu", interval_s=0.002) as peak:
+    if mode == "streaming":
+        merge_checkpoints([a, b], out, "task_arithmetic", base=base, lam=1.0)
+    else:
+        sd0, sd1, sd2 = (load_file(str(Path(p) / "model.safetensors")) for p in (base, a, b))
+        merged = {k: sd0[k] + 1.0 * ((sd1[k] - sd0[k]) + (sd2[k] - sd0[k])) for k in sd0}
+        Path(out).mkdir(parents=True, exist_ok=True)
+        save_file(merged, str(Path(out) / "model.safetensors"))
+print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_mib": peak.peak_mib}))
+"""
+
+
+def build_checkpoints(folder: Path, hidden: int, layers: int, vocab: int = 32000) -> tuple[list[Path], dict]:
+    """A base and two perturbed copies of a randomly initialized Llama of the given shape (fp32)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 64),
+                         vocab_size=vocab, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    params = sum(p.numel() for p in model.parameters())
+    largest = max(p.numel() * p.element_size() for p in model.parameters())
+    paths = []
+    for i, name in enumerate(("base", "expert_a", "expert_b")):
+        if i:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(torch.randn_like(p) * 1e-3)
+        model.save_pretrained(folder / name, safe_serialization=True)
+        paths.append(folder / name)
+    del model
+    return paths, {"params": params, "largest_tensor_mib": largest / 2**20, "layers": layers, "hidden": hidden}
+
+
+def bench_merging(shapes=((768, 12), (768, 24)), repeats: int = 2) -> list[dict]:
+    rows = []
+    for hidden, layers in shapes:
+        with tempfile.TemporaryDirectory() as tmp:
+            (base, a, b), info = build_checkpoints(Path(tmp), hidden, layers)
+            runs = {"streaming": [], "whole_state_dicts": []}
+            for _ in range(repeats):
+                for mode in runs:
+                    out = Path(tmp) / f"out-{mode}"
+                    done = subprocess.run([sys.executable, "-c", MERGE_SCRIPT, mode, str(out), str(base), str(a), str(b)],
+                                          capture_output=True, text=True, check=True)
+                    runs[mode].append(json.loads(done.stdout.strip().splitlines()[-1]))
+            row = dict(info)
+            for mode, results in runs.items():
+                row[f"{mode}_seconds"] = _median([r["seconds"] for r in results])
+                row[f"{mode}_peak_rss_mib"] = _median([r["peak_rss_mib"] for r in results])
+            row["rss_ratio_whole_over_streaming"] = row["whole_state_dicts_peak_rss_mib"] / row["streaming_peak_rss_mib"]
+            row["time_ratio_streaming_over_whole"] = row["streaming_seconds"] / row["whole_state_dicts_seconds"]
+            rows.append(row)
+    return rows
+
+
+# -------------------------------------------------------------------------------------- quantization
+def bench_quantization(shape=(4096, 4096), repeats: int = 3) -> dict:
+    import torch
+
+    from labhelpers import quantization as Q
+
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    timings = {"reference_nf4": [], "bitsandbytes_nf4": []}
+    for _ in range(repeats):
+        start = time.perf_counter()
+        Q.quantize_nf4(x, 64)
+        timings["reference_nf4"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        Q.bnb_nf4(x, 64)
+        timings["bitsandbytes_nf4"].append(time.perf_counter() - start)
+    out = {k: {"seconds": _median(v), "elements_per_s": x.numel() / _median(v)} for k, v in timings.items()}
+    out["bitsandbytes_over_reference"] = out["reference_nf4"]["seconds"] / out["bitsandbytes_nf4"]["seconds"]
+    return out
+
+
+# -------------------------------------------------------------------------------------------- memory
+def bench_memory(profile) -> list[dict]:
+    from labhelpers import memory
+
+    arch = memory.profile_architecture(profile)
+    batch = memory.make_batch(arch.vocab, profile.batch_size, profile.max_seq_length, device=profile.device)
+    rows = []
+    for method in ("full", "lora", "qlora", "qlora+gc+8bit"):
+        model, optimizer = memory.setup_training(method, profile)
+        measured = memory.measure_training_step(model, batch, optimizer)
+        estimated = memory.estimate_training_step(arch, method, profile.batch_size, profile.max_seq_length,
+                                                  dtype=profile.dtype, lora_r=profile.lora_r,
+                                                  lora_targets=profile.target_modules)
+        rows.append({"method": method, "measured_peak_mib": measured.peak / 2**20,
+                     "estimated_peak_mib": estimated.peak / 2**20, "estimate_over_measured": estimated.peak / measured.peak,
+                     "measured_total_mib": measured.total / 2**20, "estimated_total_mib": estimated.total / 2**20})
+    return rows
+
+
+# ----------------------------------------------------------------------------------------- notebooks
+NOTEBOOK_TARGETS_S = {"ci": {"lab2_domain": 480, "default": 300}, "cpu": {"lab2_domain": 1200, "default": 900}}
+
+
+def notebook_timings(root: Path | None = None) -> list[dict]:
+    """Lab wall times recorded by ``make labs`` (``runtime.json``) under ``root`` and ``root/<profile>``."""
+    root = root or build_dir()
+    rows = []
+    for path in sorted(root.glob("**/runtime.json")):
+        record = json.loads(path.read_text())
+        targets = NOTEBOOK_TARGETS_S.get(record["profile"], {})
+        target = targets.get(path.parent.name, targets.get("default"))
+        rows.append({"lab": path.parent.name, "profile": record["profile"], "seconds": record["seconds"],
+                     "target_seconds": target, "within_target": target is None or record["seconds"] <= target})
+    return rows
+
+
+# ------------------------------------------------------------------------------------------- report
+def write(results: dict, out: Path) -> tuple[Path, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
+    lines = ["# SFT Labs benchmark", "", f"Measured {results['when']} on {results['machine']}; medians of "
+             f"{results['repeats']} interleaved repetitions.", ""]
+    if "training" in results:
+        t = results["training"]
+        lines += ["## SFT throughput (code task, real tokens per second)", "",
+                  f"{t['steps']} steps of batch {t['batch_size']}, {t['real_tokens']} real tokens per run.", "",
+                  "| path | seconds | tokens/s | vs TRL default |", "|---|---|---|---|"]
+        lines += [f"| {k} | {v['seconds']:.2f} | {v['tokens_per_s']:.0f} | {v['vs_trl_default']:.2f}x |"
+                  for k, v in t["contenders"].items()]
+        lines.append("")
+    if "merging" in results:
+        lines += ["## Merging: streaming vs whole state dicts (task arithmetic of 2 experts + base)", "",
+                  "Peak RSS is the growth over the process's resident size after its imports.", "",
+                  "| params | layers | largest tensor MiB | streaming s | whole s | streaming peak RSS MiB | whole peak RSS MiB | RSS ratio |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['params'] / 1e6:.0f}M | {r['layers']} | {r['largest_tensor_mib']:.0f} | {r['streaming_seconds']:.2f} | "
+                  f"{r['whole_state_dicts_seconds']:.2f} | {r['streaming_peak_rss_mib']:.0f} | {r['whole_state_dicts_peak_rss_mib']:.0f} | "
+                  f"{r['rss_ratio_whole_over_streaming']:.1f}x |" for r in results["merging"]]
+        lines.append("")
+    if "quantization" in results:
+        q = results["quantization"]
+        lines += ["## NF4 quantization of a 4096 x 4096 weight on CPU", "", "| quantizer | seconds | elements/s |",
+                  "|---|---|---|"]
+        lines += [f"| {k} | {v['seconds']:.3f} | {v['elements_per_s']:.3g} |" for k, v in q.items() if isinstance(v, dict)]
+        lines += ["", f"bitsandbytes is {q['bitsandbytes_over_reference']:.2f}x the reference's speed.", ""]
+    if "memory" in results:
+        lines += ["## Memory: measured peak vs the estimator (full-length step)", "",
+                  "| method | measured MiB | estimated MiB | estimate / measured |", "|---|---|---|---|"]
+        lines += [f"| {r['method']} | {r['measured_peak_mib']:.1f} | {r['estimated_peak_mib']:.1f} | {r['estimate_over_measured']:.3f} |"
+                  for r in results["memory"]]
+        lines.append("")
+    if results.get("notebooks"):
+        lines += ["## Notebooks (wall time recorded by make labs)", "", "| lab | profile | seconds | target | ok |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {r['lab']} | {r['profile']} | {r['seconds']:.0f} | {r['target_seconds']} | {r['within_target']} |"
+                  for r in results["notebooks"]]
+        lines.append("")
+    (out / "bench.md").write_text("\n".join(lines))
+    return out / "bench.md", out / "bench.json"
+
+
+def main(argv: list[str] | None = None) -> int:
+    import platform
+
+    from labhelpers import profiles
+
+    parser = argparse.ArgumentParser(description="Benchmarks measured side by side; writes bench.md and bench.json")
+    parser.add_argument("--out", type=Path, default=build_dir())
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, for the test of this script")
+    parser.add_argument("--only", nargs="*", default=["training", "merging", "quantization", "memory", "notebooks"])
+    args = parser.parse_args(argv)
+    profile = profiles.get("ci")
+    results = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "repeats": args.repeats,
+               "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores, torch "
+                          f"{__import__('torch').__version__}"}
+    if "training" in args.only:
+        results["training"] = bench_training(profile, 4 if args.quick else args.steps, args.repeats)
+    if "merging" in args.only:
+        results["merging"] = bench_merging(((64, 2), (64, 4)) if args.quick else ((768, 12), (768, 24)), args.repeats)
+    if "quantization" in args.only:
+        results["quantization"] = bench_quantization((256, 256) if args.quick else (4096, 4096), args.repeats)
+    if "memory" in args.only:
+        results["memory"] = bench_memory(profile.with_(batch_size=2, max_seq_length=32) if args.quick else profile)
+    if "notebooks" in args.only:
+        results["notebooks"] = notebook_timings()
+    md, js = write(results, args.out)
+    print(md.read_text())
+    print(f"wrote {md} and {js}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -227,9 +227,7 @@ def bench_memory(profile) -> list[dict]:
     for method in ("full", "lora", "qlora", "qlora+gc+8bit"):
         model, optimizer = memory.setup_training(method, profile)
         measured = memory.measure_training_step(model, batch, optimizer)
-        estimated = memory.estimate_training_step(arch, method, profile.batch_size, profile.max_seq_length,
-                                                  dtype=profile.dtype, lora_r=profile.lora_r,
-                                                  lora_targets=profile.target_modules)
+        estimated = memory.estimate_for_profile(profile, method)
         rows.append({"method": method, "measured_peak_mib": measured.peak / 2**20,
                      "estimated_peak_mib": estimated.peak / 2**20, "estimate_over_measured": estimated.peak / measured.peak,
                      "measured_total_mib": measured.total / 2**20, "estimated_total_mib": estimated.total / 2**20})

@@ -78,9 +78,7 @@ def lab4(profile) -> dict:
     for method in ("full", "lora", "qlora+gc"):
         model, optimizer = memory.setup_training(method, profile)
         measured = memory.measure_training_step(model, batch, optimizer)
-        estimated = memory.estimate_training_step(arch, method, profile.batch_size, profile.max_seq_length,
-                                                  dtype=profile.dtype, lora_r=profile.lora_r,
-                                                  lora_targets=profile.target_modules, lora_dropout=profile.lora_dropout)
+        estimated = memory.estimate_for_profile(profile, method)
         out[method] = {"peak_mib": measured.peak / 2**20, "estimate_over_measured": estimated.peak / measured.peak,
                        "sec_per_step": measured.details["seconds"]}
         del model, optimizer

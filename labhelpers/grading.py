@@ -124,6 +124,7 @@ def check(notebook: Path, env: dict | None = None, timeout_s: int = 900) -> "pd.
     cell in order, the grading profile) and return one row per graded test cell: points, passed, the
     error's last line. Prints the table. A notebook whose graded cells were changed is reported too."""
     import pandas as pd
+    from nbgrader.utils import chdir
     from nbgrader.validator import Validator
     from traitlets.config import Config
 
@@ -137,7 +138,7 @@ def check(notebook: Path, env: dict | None = None, timeout_s: int = 900) -> "pd.
     old = {k: os.environ.get(k) for k in grading_env(env)}
     os.environ.update(grading_env(env))
     try:
-        with _chdir(notebook.parent):
+        with chdir(str(notebook.parent)):
             import nbformat
 
             nb = validator._preprocess(nbformat.read(notebook.name, as_version=4))
@@ -164,18 +165,6 @@ def check(notebook: Path, env: dict | None = None, timeout_s: int = 900) -> "pd.
     print(f"{earned} of {int(table['points'].sum())} points would be awarded by the visible tests "
           "(the grader also runs hidden tests).")
     return table
-
-
-class _chdir:
-    def __init__(self, path: Path) -> None:
-        self.path, self.old = path, None
-
-    def __enter__(self):
-        self.old = Path.cwd()
-        os.chdir(self.path)
-
-    def __exit__(self, *exc):
-        os.chdir(self.old)
 
 
 def scores(course_dir: Path, lab: str) -> dict[str, dict]:

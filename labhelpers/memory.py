@@ -290,13 +290,15 @@ def measure_training_step(model, batch: dict, optimizer=None, steps: int = 2, ac
     for step in range(steps):
         optimizer.zero_grad(set_to_none=True)
         last = step == steps - 1
-        static = {_storage_key(t) for t in weight_tensors(model)}
-        static |= {_storage_key(v) for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)}
-        static_bytes = weight_bytes(model) + optimizer_state_bytes(optimizer)
+        mode = _null()
+        if last:  # what already exists (weights, optimizer states) is not counted again by the tracker
+            static = {_storage_key(t) for t in weight_tensors(model)}
+            static |= {_storage_key(v) for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)}
+            static_bytes = weight_bytes(model) + optimizer_state_bytes(optimizer)
+            mode = _live_tensor_mode()(static)
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        mode = _live_tensor_mode()(static) if last else _null()
         start = time.perf_counter()
         with mode:
             for _ in range(accumulation_steps):
@@ -329,10 +331,9 @@ def setup_training(method: "str | Method", profile, lora_r: int | None = None, l
     profile's) to the frozen base; ``qlora`` loads the base in NF4 with double quantization first.
     ``+gc`` turns on gradient checkpointing, ``+8bit`` uses bitsandbytes' 8-bit AdamW.
     """
-    import torch
     from peft import get_peft_model
 
-    from labhelpers.peft_methods import peft_config, prepare
+    from labhelpers.peft_methods import prepare
 
     m = parse_method(method)
     setup = prepare(m.base, profile.with_(gradient_checkpointing=m.gradient_checkpointing),
@@ -345,13 +346,8 @@ def setup_training(method: "str | Method", profile, lora_r: int | None = None, l
         model.config.use_cache = False
         if m.base != "full":
             model.enable_input_require_grads()  # as prepare_model_for_kbit_training does for QLoRA
-    params = [p for p in model.parameters() if p.requires_grad]
-    if m.adam_8bit:
-        import bitsandbytes as bnb
-
-        optimizer = bnb.optim.AdamW8bit(params, lr=learning_rate)
-    else:
-        optimizer = torch.optim.AdamW(params, lr=learning_rate)
+    optimizer = make_optimizer("adamw_bnb_8bit" if m.adam_8bit else "adamw_torch",
+                               (p for p in model.parameters() if p.requires_grad), lr=learning_rate)
     return model, optimizer
 
 
@@ -614,7 +610,7 @@ def estimate_training_step(arch: "Architecture | str", method: "str | Method", b
 # --------------------------------------------------------------------------------------------------
 # Experiments of Lab 4: measured next to estimated
 # --------------------------------------------------------------------------------------------------
-def _rows(profile, method, measured: StepMemory, estimated: StepMemory | None, **keys) -> dict:
+def _rows(method, measured: StepMemory, estimated: StepMemory | None, **keys) -> dict:
     row = {**keys, "method": parse_method(method).label}
     row.update({f"measured {k}": v for k, v in measured.mib().items()})
     if estimated is not None:
@@ -642,10 +638,8 @@ def breakdown_grid(profile, methods=("full", "lora", "qlora", "full+gc", "qlora+
             for s in seq_lens:
                 bar.update()
                 measured = measure_training_step(model, make_batch(arch.vocab, b, s, device=profile.device), optimizer)
-                estimated = estimate_training_step(arch, method, b, s, dtype=profile.dtype, lora_r=profile.lora_r,
-                                                   lora_targets=profile.target_modules,
-                                                   lora_dropout=profile.lora_dropout)
-                rows.append(_rows(profile, method, measured, estimated, batch_size=b, seq_len=s))
+                estimated = estimate_for_profile(profile, method, b, s)
+                rows.append(_rows(method, measured, estimated, batch_size=b, seq_len=s))
         del model, optimizer
     bar.close()
     return pd.DataFrame(rows)
@@ -683,8 +677,6 @@ OPTIMIZERS = {"adamw_torch": "torch.optim.AdamW", "adamw_bnb_8bit": "bitsandbyte
 
 def make_optimizer(name: str, params, lr: float = 1e-4):
     """An optimizer by its ``transformers`` ``optim`` name (the keys of :data:`OPTIMIZERS`)."""
-    import warnings as _warnings
-
     import bitsandbytes as bnb
     import torch
 
@@ -695,8 +687,8 @@ def make_optimizer(name: str, params, lr: float = 1e-4):
                "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}
     if name not in classes:
         raise ValueError(f"unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}")
-    with _warnings.catch_warnings():
-        _warnings.simplefilter("ignore")  # paged optimizers fall back to ordinary memory off CUDA, and say so
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # paged optimizers fall back to ordinary memory off CUDA, and say so
         return classes[name](params, lr=lr)
 
 
@@ -766,9 +758,7 @@ def compare_efficiency(profile, methods=("full", "lora", "qlora", "qlora+gc+8bit
         trained = compare_methods([m.base], run_profile, task=task, overrides=overrides, curves=True)
         model, optimizer = setup_training(m, profile)
         step = measure_training_step(model, batch, optimizer)
-        est = estimate_training_step(arch, m, profile.batch_size, profile.max_seq_length, dtype=profile.dtype,
-                                     lora_r=profile.lora_r, lora_targets=profile.target_modules,
-                                     lora_dropout=profile.lora_dropout)
+        est = estimate_for_profile(profile, m)
         row = trained.iloc[0].to_dict()
         curves[m.label] = row.pop("loss_curve")
         rows.append({"method": m.label, "trainable params": row["trainable_params"],
@@ -779,6 +769,15 @@ def compare_efficiency(profile, methods=("full", "lora", "qlora", "qlora+gc+8bit
         del model, optimizer, trained
         gc.collect()
     return pd.DataFrame(rows), curves
+
+
+def estimate_for_profile(profile, method: "str | Method", batch_size: int | None = None,
+                         seq_len: int | None = None) -> StepMemory:
+    """:func:`estimate_training_step` for the profile's base model, dtype and LoRA settings (rank,
+    targets, dropout), at ``batch_size`` x ``seq_len`` (default: the profile's batch and maximum length)."""
+    return estimate_training_step(profile_architecture(profile), method, batch_size or profile.batch_size,
+                                  seq_len or profile.max_seq_length, dtype=profile.dtype, lora_r=profile.lora_r,
+                                  lora_targets=profile.target_modules, lora_dropout=profile.lora_dropout)
 
 
 # --------------------------------------------------------------------------------------------------

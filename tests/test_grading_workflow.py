@@ -83,22 +83,17 @@ def test_perfect_and_wrong_students_export_full_and_partial_marks(graded):
 
 
 @pytest.mark.slow
-def test_an_exception_in_one_exercise_leaves_the_others_graded(graded):
+@pytest.mark.parametrize("student", ["crashes", "hangs", "memory_hog"])
+def test_a_failing_exercise_leaves_the_others_graded(graded, student):
+    """An exception, a hang (per-cell time limit) or a memory bomb (address-space cap) costs only its cell."""
     _, scores, _ = graded
-    assert scores["crashes"]["cells"] == {"test_mean_of": 0, "test_largest": 1}
+    assert scores[student]["cells"] == {"test_mean_of": 0, "test_largest": 1}
 
 
 @pytest.mark.slow
-def test_a_hanging_cell_times_out_and_the_rest_is_graded(graded):
-    _, scores, seconds = graded
-    assert scores["hangs"]["cells"] == {"test_mean_of": 0, "test_largest": 1}
-    assert seconds < 240  # seven students, one of them hanging: the per-cell limit ends it
-
-
-@pytest.mark.slow
-def test_a_memory_bomb_fails_its_own_exercise_only(graded):
-    _, scores, _ = graded
-    assert scores["memory_hog"]["cells"] == {"test_mean_of": 0, "test_largest": 1}
+def test_a_hanging_cell_does_not_hold_up_grading(graded):
+    _, _, seconds = graded
+    assert seconds < 240  # eight students, one of them hanging: the per-cell limit ends it
 
 
 @pytest.mark.slow

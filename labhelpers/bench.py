@@ -3,10 +3,15 @@
 Every comparison runs its contenders interleaved, ``--repeats`` times, and reports medians and ratios:
 
 * **SFT throughput** on the variable-length ``code`` data: labhelpers' training path
-  (:func:`labhelpers.training.train_sft`) vs TRL's ``SFTTrainer`` with its defaults vs a plain PyTorch
-  loop, same model, rows, batch size and steps; real (non-padding) tokens per second.
-* **Merging**: :func:`labhelpers.merging.merge_checkpoints` (streaming) vs loading whole state dicts,
-  on locally built models of about 100M and 200M parameters: wall time and peak RSS of a subprocess.
+  (:func:`labhelpers.training.train_sft` as the labs run it: chat rows tokenized in batched calls,
+  random padded batches, the model's own loss) vs the same with batches grouped by length vs with
+  TRL's padding-free batching vs TRL's ``SFTTrainer`` with its defaults (random padded batches,
+  gradient checkpointing, the fused log-prob head) vs a plain PyTorch loop (random padded batches);
+  same model, rows, batch size and steps; real (non-padding) tokens per second, data preparation included.
+* **Merging**: :func:`labhelpers.merging.merge_checkpoints` (streaming, by chunks) vs loading whole
+  state dicts, task arithmetic, and streamed TIES, on locally built models of 162M and 276M parameters
+  (12 and 24 layers, same largest tensor): wall time and peak RSS of a subprocess, also as a multiple
+  of the largest tensor.
 * **Quantization**: the lab's reference NF4 quantizer vs bitsandbytes on CPU, elements per second.
 * **Memory**: measured peak of a full-length training step per method vs the estimator.
 * **Notebooks**: the wall time of each lab as recorded by the last ``make labs`` runs (``build/``).
@@ -15,6 +20,7 @@ Every comparison runs its contenders interleaved, ``--repeats`` times, and repor
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import subprocess
@@ -57,6 +63,11 @@ def run_labhelpers(profile, rows, steps: int, **overrides) -> float:
     train_sft(model, tokenizer, Dataset.from_list(rows), profile.with_(max_steps=steps),
               learning_rate=profile.full_ft_learning_rate, **overrides)
     return time.perf_counter() - start
+
+
+def run_labhelpers_grouped_by_length(profile, rows, steps: int) -> float:
+    """The same path with batches of rows of similar length (:class:`labhelpers.training.LengthGroupedBatches`)."""
+    return run_labhelpers(profile.with_(group_by_length=True), rows, steps)
 
 
 def run_labhelpers_padding_free(profile, rows, steps: int) -> float:
@@ -116,11 +127,13 @@ def bench_training(profile, steps: int, repeats: int) -> dict:
 
     rows = _rows(2000)
     tokens = _real_tokens(rows, load_tokenizer(profile), steps, profile.batch_size)
-    contenders = {"labhelpers": run_labhelpers, "labhelpers_padding_free": run_labhelpers_padding_free,
+    contenders = {"labhelpers": run_labhelpers, "labhelpers_grouped_by_length": run_labhelpers_grouped_by_length,
+                  "labhelpers_padding_free": run_labhelpers_padding_free,
                   "trl_default": run_trl_default, "plain_pytorch": run_plain_loop}
     seconds = {name: [] for name in contenders}
     for _ in range(repeats):
         for name, fn in contenders.items():
+            gc.collect()  # the previous contender's garbage is not this one's to collect
             seconds[name].append(fn(profile, rows, steps))
     out = {name: {"seconds": _median(s), "tokens_per_s": tokens / _median(s), "runs": s} for name, s in seconds.items()}
     for name in contenders:
@@ -142,6 +155,8 @@ start = time.perf_counter()
 with measure_peak_memory("cpu", interval_s=0.002) as peak:
     if mode == "streaming":
         merge_checkpoints([a, b], out, "task_arithmetic", base=base, lam=1.0)
+    elif mode == "streaming_ties":
+        merge_checkpoints([a, b], out, "ties", base=base, density=0.2)
     else:
         sd0, sd1, sd2 = (load_file(str(Path(p) / "model.safetensors")) for p in (base, a, b))
         merged = {k: sd0[k] + 1.0 * ((sd1[k] - sd0[k]) + (sd2[k] - sd0[k])) for k in sd0}
@@ -180,7 +195,7 @@ def bench_merging(shapes=((768, 12), (768, 24)), repeats: int = 2) -> list[dict]
     for hidden, layers in shapes:
         with tempfile.TemporaryDirectory() as tmp:
             (base, a, b), info = build_checkpoints(Path(tmp), hidden, layers)
-            runs = {"streaming": [], "whole_state_dicts": []}
+            runs = {"streaming": [], "streaming_ties": [], "whole_state_dicts": []}
             for _ in range(repeats):
                 for mode in runs:
                     out = Path(tmp) / f"out-{mode}"
@@ -192,6 +207,8 @@ def bench_merging(shapes=((768, 12), (768, 24)), repeats: int = 2) -> list[dict]
                 row[f"{mode}_seconds"] = _median([r["seconds"] for r in results])
                 row[f"{mode}_peak_rss_mib"] = _median([r["peak_rss_mib"] for r in results])
             row["rss_ratio_whole_over_streaming"] = row["whole_state_dicts_peak_rss_mib"] / row["streaming_peak_rss_mib"]
+            for mode in runs:
+                row[f"{mode}_peak_over_largest_tensor"] = row[f"{mode}_peak_rss_mib"] / row["largest_tensor_mib"]
             row["time_ratio_streaming_over_whole"] = row["streaming_seconds"] / row["whole_state_dicts_seconds"]
             rows.append(row)
     return rows
@@ -266,13 +283,19 @@ def write(results: dict, out: Path) -> tuple[Path, Path]:
                   for k, v in t["contenders"].items()]
         lines.append("")
     if "merging" in results:
-        lines += ["## Merging: streaming vs whole state dicts (task arithmetic of 2 experts + base)", "",
-                  "Peak RSS is the growth over the process's resident size after its imports.", "",
-                  "| params | layers | largest tensor MiB | streaming s | whole s | streaming peak RSS MiB | whole peak RSS MiB | RSS ratio |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += ["## Merging: streaming vs whole state dicts (2 experts + base, float32)", "",
+                  "Task arithmetic streamed by labhelpers.merging, the same loaded as whole state dicts, and TIES "
+                  "(density 0.2) streamed. Peak RSS is the growth over the process's resident size after its "
+                  "imports; x largest = peak RSS / the largest tensor's size.", "",
+                  "| params | layers | largest tensor MiB | streaming s | whole s | TIES s | streaming peak MiB (x largest) "
+                  "| whole peak MiB (x largest) | TIES peak MiB (x largest) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r['params'] / 1e6:.0f}M | {r['layers']} | {r['largest_tensor_mib']:.0f} | {r['streaming_seconds']:.2f} | "
-                  f"{r['whole_state_dicts_seconds']:.2f} | {r['streaming_peak_rss_mib']:.0f} | {r['whole_state_dicts_peak_rss_mib']:.0f} | "
-                  f"{r['rss_ratio_whole_over_streaming']:.1f}x |" for r in results["merging"]]
+                  f"{r['whole_state_dicts_seconds']:.2f} | {r['streaming_ties_seconds']:.2f} | "
+                  f"{r['streaming_peak_rss_mib']:.0f} ({r['streaming_peak_over_largest_tensor']:.2f}) | "
+                  f"{r['whole_state_dicts_peak_rss_mib']:.0f} ({r['whole_state_dicts_peak_over_largest_tensor']:.1f}) | "
+                  f"{r['streaming_ties_peak_rss_mib']:.0f} ({r['streaming_ties_peak_over_largest_tensor']:.2f}) |"
+                  for r in results["merging"]]
         lines.append("")
     if "quantization" in results:
         q = results["quantization"]
@@ -303,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description="Benchmarks measured side by side; writes bench.md and bench.json")
     parser.add_argument("--out", type=Path, default=build_dir())
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for the test of this script")
     parser.add_argument("--only", nargs="*", default=["training", "merging", "quantization", "memory", "notebooks"])

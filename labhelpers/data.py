@@ -78,35 +78,61 @@ def validate_rows(rows: Iterable[dict]) -> str:
     return formats.pop()
 
 
-def sft_dataset(dataset):
-    """Keep only the columns TRL trains on (``messages``, or ``prompt``+``completion``), after validation."""
+def sft_dataset(dataset, tokenizer=None):
+    """The dataset TRL trains on, after validation, and its format: ``(dataset, format)``.
+
+    With a ``tokenizer``, chat rows are tokenized here, in one pass (:func:`tokenize_chats`: the same
+    ``apply_chat_template(..., return_assistant_tokens_mask=True)`` call TRL makes, so the same ids and
+    assistant-only labels, tested), and come back as ``tokenized`` rows; TRL then only truncates them
+    to ``max_length``. This is several times faster than TRL's own preparation (four ``datasets.map``
+    passes) and it runs once per training call. Other formats keep only the columns TRL trains on
+    (``prompt``+``completion``, ``text``, or ``input_ids``+``labels``).
+    """
+    from datasets import Dataset
+
     fmt = validate_rows(dataset)
-    return dataset.select_columns(FORMAT_COLUMNS[fmt])
+    if fmt == "chat" and tokenizer is not None:
+        rows = tokenize_chats(dataset["messages"], tokenizer, max_length=None)
+        return Dataset.from_dict({"input_ids": [r["input_ids"] for r in rows],
+                                  "labels": [r["labels"] for r in rows]}), "tokenized"
+    return dataset.select_columns(FORMAT_COLUMNS[fmt]), fmt
 
 
 FORMAT_COLUMNS = {"chat": ["messages"], "completion": ["prompt", "completion"], "text": ["text"],
                   "tokenized": ["input_ids", "labels"]}
 
 
-def tokenize_chat(messages: list[dict], tokenizer, max_length: int) -> dict[str, list[int]]:
+def tokenize_chat(messages: list[dict], tokenizer, max_length: int | None) -> dict[str, list[int]]:
     """Token ids and labels of one conversation, with labels ``-100`` outside assistant turns.
 
     The mask comes from the template's ``{% generation %}`` markers
     (``return_assistant_tokens_mask=True``). Raises ValueError for a conversation longer than
-    ``max_length`` tokens instead of silently cutting the answer off.
+    ``max_length`` tokens instead of silently cutting the answer off (``None``: no limit here; the
+    trainer truncates as TRL does).
     """
     validate_messages(messages)
+    return tokenize_chats([messages], tokenizer, max_length)[0]
+
+
+def tokenize_chats(conversations: list[list[dict]], tokenizer, max_length: int | None,
+                   chunk: int = 512) -> list[dict[str, list[int]]]:
+    """:func:`tokenize_chat` of many (already validated) conversations, a chunk at a time: the
+    tokenizer encodes a chunk in one batched call, about twice as fast as one call per conversation."""
     require_chat_template(tokenizer)
-    enc = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
-    ids, mask = enc["input_ids"], enc["assistant_masks"]
-    if not any(mask):
-        raise ValueError("the chat template marks no assistant tokens; it needs {% generation %} ... "
-                         "{% endgeneration %} around assistant content (see labhelpers.chat.CHAT_TEMPLATE)")
-    if len(ids) > max_length:
-        raise ValueError(f"conversation has {len(ids)} tokens, more than max_length={max_length}; raise the "
-                         "profile's max_seq_length or shorten the example")
-    labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
-    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+    out = []
+    for start in range(0, len(conversations), chunk):
+        enc = tokenizer.apply_chat_template(conversations[start:start + chunk], tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=True)
+        for ids, mask in zip(enc["input_ids"], enc["assistant_masks"]):
+            if not any(mask):
+                raise ValueError("the chat template marks no assistant tokens; it needs {% generation %} ... "
+                                 "{% endgeneration %} around assistant content (see labhelpers.chat.CHAT_TEMPLATE)")
+            if max_length is not None and len(ids) > max_length:
+                raise ValueError(f"conversation has {len(ids)} tokens, more than max_length={max_length}; raise the "
+                                 "profile's max_seq_length or shorten the example")
+            out.append({"input_ids": ids, "attention_mask": [1] * len(ids),
+                        "labels": [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]})
+    return out
 
 
 def tokenize_completion(prompt: str, completion: str, tokenizer) -> dict[str, list[int]]:

@@ -1,12 +1,14 @@
 """Model merging that streams: task arithmetic, SLERP, TIES and DARE over safetensors checkpoints.
 
 Every merge here is **per tensor**: output tensor ``name`` depends only on tensor ``name`` of the base
-and of each input model. :func:`merge_checkpoints` therefore reads one tensor from each input file,
-merges it and appends it to the output file before reading the next one: peak memory stays near one
-tensor per input model, whatever the model's size, and no GPU is needed (a 7B merge reads and writes
-~14 GB per model from disk, once). Files are read with plain ``seek``/``read`` (no memory map, so the
-resident set measures what the merge holds) and written with a streaming safetensors writer.
-Nothing is unpickled.
+and of each input model, and once a few whole-tensor statistics are known (TIES' trim thresholds,
+SLERP's angle, DARE's random streams) it is elementwise. :func:`merge_checkpoints` therefore reads
+each tensor from the input files a chunk of elements at a time (:data:`CHUNK_ELEMENTS`), merges the
+chunk and appends it to the output file before reading the next: peak memory is a few chunks (plus,
+for TIES, one float32 buffer of the tensor's magnitudes while its threshold is found), whatever the
+model's size or depth, and no GPU is needed (a 7B merge reads and writes ~14 GB per model from disk).
+Files are read with plain ``seek``/``read`` (no memory map, so the resident set measures what the
+merge holds) and written with a streaming safetensors writer. Nothing is unpickled.
 
 Semantics (``base`` :math:`\\theta_0`, experts :math:`\\theta_i`, task vectors
 :math:`\\tau_i = \\theta_i - \\theta_0`, weights :math:`w_i`):
@@ -45,7 +47,7 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -85,15 +87,19 @@ def task_arithmetic(base: torch.Tensor, experts: Sequence[torch.Tensor], weights
     return base + lam * sum(w * (e - base) for w, e in zip(weights, experts))
 
 
-def slerp(a: torch.Tensor, b: torch.Tensor, t: float, eps: float = 1e-8) -> torch.Tensor:
-    """Spherical interpolation from ``a`` (t = 0) to ``b`` (t = 1), linear where they are nearly parallel."""
+def slerp(a: torch.Tensor, b: torch.Tensor, t: float, eps: float = 1e-8,
+          geometry: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Spherical interpolation from ``a`` (t = 0) to ``b`` (t = 1), linear where they are nearly parallel.
+    (``geometry``: the whole tensors' norms and cosine, when ``a`` and ``b`` are chunks of them.)"""
     if not 0.0 <= t <= 1.0:
         raise ValueError(f"t must be in [0, 1] (0 = first model, 1 = second), got {t}")
     a32, b32 = a.float(), b.float()
-    na, nb = a32.norm(), b32.norm()
+    na, nb, cos = geometry if geometry is not None else (a32.norm(), b32.norm(), None)
     if na < eps or nb < eps:
         return torch.lerp(a32, b32, t).to(a.dtype)
-    cos = torch.clamp((a32 / na * (b32 / nb)).sum(), -1.0, 1.0)
+    if cos is None:
+        cos = (a32 / na * (b32 / nb)).sum()
+    cos = torch.clamp(cos, -1.0, 1.0)
     if cos.abs() > PARALLEL_THRESHOLD:
         return torch.lerp(a32, b32, t).to(a.dtype)
     omega = torch.arccos(cos)
@@ -101,13 +107,25 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float, eps: float = 1e-8) -> torc
     return (torch.sin((1 - t) * omega) / s * a32 + torch.sin(t * omega) / s * b32).to(a.dtype)
 
 
-def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the ``ceil(density * n)`` entries of largest magnitude, zero the rest (ties: all at the threshold)."""
+def trim_threshold(magnitudes: torch.Tensor, density: float) -> torch.Tensor | None:
+    """The magnitude of the ``ceil(density * n)``-th largest entry (None: density keeps everything)."""
     _check_density(density)
-    k = math.ceil(density * delta.numel())
-    if k >= delta.numel():
+    k = math.ceil(density * magnitudes.numel())
+    if k >= magnitudes.numel():
+        return None
+    return magnitudes.flatten().kthvalue(magnitudes.numel() - k + 1).values
+
+
+def trim(delta: torch.Tensor, density: float, threshold: torch.Tensor | None = None) -> torch.Tensor:
+    """Keep the ``ceil(density * n)`` entries of largest magnitude, zero the rest (ties: all at the threshold).
+
+    ``threshold`` (from :func:`trim_threshold` of the whole tensor) lets a streamed merge trim one
+    chunk of a tensor at a time."""
+    _check_density(density)
+    if threshold is None:
+        threshold = trim_threshold(delta.abs(), density)
+    if threshold is None:
         return delta.clone()
-    threshold = delta.abs().flatten().kthvalue(delta.numel() - k + 1).values
     return torch.where(delta.abs() >= threshold, delta, torch.zeros_like(delta))
 
 
@@ -123,10 +141,12 @@ def elect_and_merge(deltas: Sequence[torch.Tensor], weights: Sequence[float]) ->
 
 
 def ties(base: torch.Tensor, experts: Sequence[torch.Tensor], density: float, weights: Sequence[float] | None = None,
-         lam: float = 1.0) -> torch.Tensor:
-    """TIES-merging of one tensor: trim, elect sign, disjoint mean, add to the base scaled by ``lam``."""
+         lam: float = 1.0, thresholds: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
+    """TIES-merging of one tensor: trim, elect sign, disjoint mean, add to the base scaled by ``lam``.
+    (``thresholds``: each task vector's trim threshold, when ``base`` and ``experts`` are chunks.)"""
     weights = _check_weights(weights, len(experts))
-    trimmed = [trim(e - base, density) for e in experts]
+    thresholds = thresholds if thresholds is not None else [None] * len(experts)
+    trimmed = [trim(e - base, density, th) for e, th in zip(experts, thresholds)]
     return base + lam * elect_and_merge(trimmed, weights)
 
 
@@ -143,12 +163,22 @@ def tensor_seed(seed: int, name: str, index: int) -> int:
     return zlib.crc32(f"{seed}:{name}:{index}".encode())
 
 
+def dare_generators(seed: int, name: str, n: int) -> list[torch.Generator]:
+    """The generators of the DARE masks of tensor ``name``, one per expert."""
+    return [torch.Generator().manual_seed(tensor_seed(seed, name, i)) for i in range(n)]
+
+
 def dare_merge(base: torch.Tensor, experts: Sequence[torch.Tensor], density: float, weights: Sequence[float] | None = None,
-               lam: float = 1.0, seed: int = 0, name: str = "", sign_election: bool = False) -> torch.Tensor:
-    """DARE on every task vector of one tensor, then task arithmetic (or TIES' election with ``sign_election``)."""
+               lam: float = 1.0, seed: int = 0, name: str = "", sign_election: bool = False,
+               generators: Sequence[torch.Generator] | None = None) -> torch.Tensor:
+    """DARE on every task vector of one tensor, then task arithmetic (or TIES' election with ``sign_election``).
+
+    ``generators`` (from :func:`dare_generators`) carry the masks' random streams from one chunk of a
+    tensor to the next: the CPU generator draws ``torch.rand`` element by element, so consecutive
+    chunks get exactly the mask of the whole tensor (tested)."""
     weights = _check_weights(weights, len(experts))
-    deltas = [dare(e - base, density, torch.Generator().manual_seed(tensor_seed(seed, name, i)))
-              for i, e in enumerate(experts)]
+    generators = generators if generators is not None else dare_generators(seed, name, len(experts))
+    deltas = [dare(e - base, density, g) for e, g in zip(experts, generators)]
     if sign_election:
         return base + lam * elect_and_merge(deltas, weights)
     return base + lam * sum(w * d for w, d in zip(weights, deltas))
@@ -168,12 +198,13 @@ def merge_tensor(method: str, name: str, base: torch.Tensor | None, experts: Seq
     elif method == "slerp":
         if len(experts32) != 2:
             raise ValueError(f"slerp merges exactly 2 models, got {len(experts32)}")
-        out = slerp(experts32[0], experts32[1], knobs["t"])
+        out = slerp(experts32[0], experts32[1], knobs["t"], geometry=knobs.get("geometry"))
     elif method == "ties":
-        out = ties(base32, experts32, knobs["density"], knobs.get("weights"), knobs.get("lam", 1.0))
+        out = ties(base32, experts32, knobs["density"], knobs.get("weights"), knobs.get("lam", 1.0),
+                   knobs.get("thresholds"))
     elif method == "dare":
         out = dare_merge(base32, experts32, knobs["density"], knobs.get("weights"), knobs.get("lam", 1.0),
-                         knobs.get("seed", 0), name, knobs.get("sign_election", False))
+                         knobs.get("seed", 0), name, knobs.get("sign_election", False), knobs.get("generators"))
     else:
         raise ValueError(f"unknown merge method {method!r}; valid: {', '.join(METHODS)}")
     return out.to(dtype)
@@ -226,13 +257,19 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
 
 def read_tensor(info: TensorInfo) -> torch.Tensor:
     """One tensor, read with ``seek``/``read`` into memory of its own (no memory map)."""
-    tensor = torch.empty(info.shape, dtype=DTYPES[info.dtype])
+    return read_elements(info, 0, math.prod(info.shape)).view(info.shape)
+
+
+def read_elements(info: TensorInfo, start: int, stop: int) -> torch.Tensor:
+    """Elements ``[start, stop)`` of a tensor in storage (row-major) order, as a 1-D tensor."""
+    tensor = torch.empty(stop - start, dtype=DTYPES[info.dtype])
     if tensor.numel() == 0:
         return tensor
-    buffer = memoryview(tensor.view(-1).view(torch.uint8).numpy())
+    size = tensor.element_size()
+    buffer = memoryview(tensor.view(torch.uint8).numpy())
     with open(info.file, "rb") as f:
-        f.seek(info.start)
-        if f.readinto(buffer) != info.end - info.start:
+        f.seek(info.start + start * size)
+        if f.readinto(buffer) != (stop - start) * size:
             raise ValueError(f"{info.file} ends before tensor data at {info.start}-{info.end}; the file is truncated")
     return tensor
 
@@ -262,8 +299,23 @@ class SafetensorsWriter:
         if name != expected or tensor.dtype != dtype or tuple(tensor.shape) != shape:
             raise ValueError(f"expected tensor {expected!r} {dtype} {shape}, got {name!r} {tensor.dtype} "
                              f"{tuple(tensor.shape)}")
-        if tensor.numel():
-            self._file.write(memoryview(tensor.contiguous().view(-1).view(torch.uint8).numpy()))
+        self.write_parts(name, [tensor])
+
+    def write_parts(self, name: str, parts: Iterable[torch.Tensor]) -> None:
+        """Write tensor ``name`` from consecutive pieces of it in storage order (each piece is written,
+        and can be freed, before the next is asked for)."""
+        expected, dtype, shape = self._order[self._next]
+        if name != expected:
+            raise ValueError(f"expected tensor {expected!r}, got {name!r}")
+        written = 0
+        for part in parts:
+            if part.dtype != dtype:
+                raise ValueError(f"tensor {name!r} is {dtype}, got a piece of {part.dtype}")
+            if part.numel():
+                self._file.write(memoryview(part.contiguous().view(-1).view(torch.uint8).numpy()))
+            written += part.numel()
+        if written != math.prod(shape):
+            raise ValueError(f"tensor {name!r} {tuple(shape)} has {math.prod(shape)} elements, {written} were written")
         self._next += 1
 
     def abort(self) -> None:
@@ -302,6 +354,10 @@ class Checkpoint:
         if name not in self.tensors:
             raise KeyError(f"tensor {name!r} is missing from {self.folder}")
         return read_tensor(self.tensors[name])
+
+    def elements(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Elements ``[start, stop)`` of tensor ``name`` (flattened), read from disk."""
+        return read_elements(self.tensors[name], start, stop)
 
     @property
     def n_bytes(self) -> int:
@@ -426,19 +482,103 @@ def _write_merge(out: Path, experts, base_ckpt, method: str, tensor_fn, knobs: d
         writer = SafetensorsWriter(out / file.name, specs, {"format": "pt", "merge_method": method})
         try:
             for name in names:
-                expert_tensors = [c[name] for c in experts]
-                base_tensor = base_ckpt[name] if base_ckpt is not None else None
-                if tensor_fn is not None and expert_tensors[0].is_floating_point():
-                    merged = tensor_fn(name, base_tensor, expert_tensors).to(expert_tensors[0].dtype)
+                if tensor_fn is not None and DTYPES[first.tensors[name].dtype].is_floating_point:
+                    expert_tensors = [c[name] for c in experts]
+                    base_tensor = base_ckpt[name] if base_ckpt is not None else None
+                    writer.write(name, tensor_fn(name, base_tensor, expert_tensors).to(expert_tensors[0].dtype))
+                    del expert_tensors, base_tensor
                 else:
-                    merged = merge_tensor(method, name, base_tensor, expert_tensors, **knobs)
-                writer.write(name, merged)
-                del expert_tensors, base_tensor, merged
+                    writer.write_parts(name, merged_chunks(method, name, base_ckpt, experts, knobs))
                 _return_freed_memory()
         except BaseException:
             writer.abort()
             raise
         writer.close()
+
+
+CHUNK_ELEMENTS = 1 << 21  # 8 MiB of float32 per model and chunk
+
+
+def kth_largest(magnitudes: torch.Tensor, k: int, chunk: int | None = None) -> torch.Tensor:
+    """The ``k``-th largest of the non-negative float32 ``magnitudes`` (1-D), exactly the value of
+    ``magnitudes.kthvalue(n - k + 1)``, without a copy of them: a radix selection on their bit
+    patterns (non-negative floats order as their bits do), one byte per pass, from histograms of
+    ``chunk``-element pieces. ``kthvalue`` copies the values and builds int64 indices: three times the
+    tensor."""
+    chunk = chunk or CHUNK_ELEMENTS
+    bits = magnitudes.view(torch.int32)
+    prefix, remaining = 0, k
+    for shift in (24, 16, 8, 0):
+        histogram = torch.zeros(256, dtype=torch.int64)
+        for start in range(0, bits.numel(), chunk):
+            piece = bits[start:start + chunk]
+            if shift < 24:  # only the entries that share the bytes chosen so far
+                piece = piece[(piece >> (shift + 8)) == (prefix >> (shift + 8))]
+            histogram += torch.bincount((piece >> shift) & 0xFF, minlength=256)
+        from_top = histogram.flip(0).cumsum(0)
+        j = int(torch.searchsorted(from_top, remaining))
+        remaining -= int(from_top[j - 1]) if j > 0 else 0
+        prefix |= (255 - j) << shift
+    return torch.tensor([prefix], dtype=torch.int32).view(torch.float32)[0]
+
+
+def merged_chunks(method: str, name: str, base: Checkpoint | None, experts: Sequence[Checkpoint], knobs: dict,
+                  chunk: int | None = None) -> Iterator[torch.Tensor]:
+    """Tensor ``name`` merged by ``method``, as consecutive flat pieces of at most ``chunk`` elements.
+
+    A tensor of up to ``chunk`` elements is merged whole (:func:`merge_tensor`). A larger one is read
+    and merged ``chunk`` elements at a time, so the merge holds a few chunks, not a few whole tensors:
+    every method is elementwise once its whole-tensor statistics are known, and those are gathered
+    first, also by chunks (:func:`tensor_statistics`). The pieces are those of the whole-tensor merge
+    (bit for bit for linear, task arithmetic, TIES and DARE; SLERP's angle is summed chunk by chunk,
+    in float64; all tested).
+    """
+    chunk = chunk or CHUNK_ELEMENTS
+    n = math.prod(experts[0].tensors[name].shape)
+    if n <= chunk:
+        whole = merge_tensor(method, name, base[name] if base is not None else None, [c[name] for c in experts], **knobs)
+        yield whole.view(-1)
+        return
+    knobs = {**knobs, **tensor_statistics(method, name, base, experts, knobs, chunk)}
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        yield merge_tensor(method, name, base.elements(name, start, stop) if base is not None else None,
+                           [c.elements(name, start, stop) for c in experts], **knobs)
+
+
+def tensor_statistics(method: str, name: str, base: Checkpoint | None, experts: Sequence[Checkpoint], knobs: dict,
+                      chunk: int) -> dict:
+    """What a chunked merge of tensor ``name`` needs to know about the whole tensor, read by chunks:
+    TIES' trim threshold of each task vector (:func:`kth_largest` of a float32 buffer of its
+    magnitudes: the one whole-tensor buffer a streamed merge holds), SLERP's norms and cosine, DARE's
+    random generators."""
+    if not DTYPES[experts[0].tensors[name].dtype].is_floating_point:
+        return {}
+    n = math.prod(experts[0].tensors[name].shape)
+    spans = [(start, min(n, start + chunk)) for start in range(0, n, chunk)]
+    if method == "dare":
+        return {"generators": dare_generators(knobs.get("seed", 0), name, len(experts))}
+    if method == "ties":
+        thresholds = []
+        for expert in experts:
+            magnitudes = torch.empty(n, dtype=torch.float32)
+            for start, stop in spans:
+                torch.sub(expert.elements(name, start, stop).float(), base.elements(name, start, stop).float(),
+                          out=magnitudes[start:stop]).abs_()
+            _check_density(knobs["density"])
+            k = math.ceil(knobs["density"] * n)
+            thresholds.append(None if k >= n else kth_largest(magnitudes, k, chunk))
+            del magnitudes
+        return {"thresholds": thresholds}
+    if method == "slerp":
+        sums = torch.zeros(3, dtype=torch.float64)
+        for start, stop in spans:
+            a, b = (c.elements(name, start, stop).double() for c in experts)
+            sums += torch.stack([(a * a).sum(), (b * b).sum(), (a * b).sum()])
+        na, nb = sums[0].sqrt(), sums[1].sqrt()
+        cos = sums[2] / (na * nb) if na > 0 and nb > 0 else torch.zeros((), dtype=torch.float64)
+        return {"geometry": (na.float(), nb.float(), cos.float())}
+    return {}
 
 
 # ----------------------------------------------------------------------------------- task vectors

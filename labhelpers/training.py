@@ -2,8 +2,9 @@
 
 :func:`train_sft` trains a model (optionally wrapped by a ``peft`` config) on a task dataset and
 returns a :class:`TrainResult`: the loss curve, seconds per step, peak memory, parameter counts.
-Conversational rows train on assistant tokens only (``assistant_only_loss``), prompt/completion
-rows on the completion only (``completion_only_loss``).
+Conversational rows train on assistant tokens only (tokenized here with their assistant-only labels,
+:func:`labhelpers.data.sft_dataset`), prompt/completion rows on the completion only
+(``completion_only_loss``).
 """
 
 from __future__ import annotations
@@ -105,8 +106,57 @@ def sft_config(profile: Profile, dataset_format: str, output_dir: str, **overrid
     return SFTConfig(**fields)
 
 
-def trainer_class(loss_penalty: Callable[[torch.nn.Module], torch.Tensor] | None = None, fused_lm_head: bool = True):
+class LengthGroupedBatches(torch.utils.data.Sampler):
+    """Row indices, a batch at a time, for batches of rows of similar length, in random order.
+
+    Each epoch: a random permutation of the rows is cut into groups of ``group`` batches, each group
+    is sorted by length and cut into batches, and the batches are shuffled across the whole epoch
+    (the one short batch, if any, comes last so that the data loader's batches stay aligned). Every
+    row is seen once per epoch, as with random sampling, but a batch is padded to little more than
+    its own rows: on the ``code`` task, padded tokens are 1.20x the real ones in random batches and
+    about 1.01x here. Unlike transformers' ``LengthGroupedSampler``, the batches of a group are not
+    served longest to shortest, which would give every run a length curriculum. The order depends
+    only on ``seed`` and the epoch, so a resumed run sees the batches an uninterrupted one would.
+
+    It is off in every profile (``Profile.group_by_length``): a batch then holds rows of one length
+    band, on the SQL task mostly one kind of query, and at the labs' scale that changes what training
+    reaches. Measured on Lab 2's LoRA sweep of the micro model on SQL (100 steps, 6 settings): best
+    execution accuracy 0.72 with random batches, 0.17 grouped (``group=50``), 0.70 with ``group=4``
+    (padding 1.05x instead of 1.01x). ``make bench`` measures the speed it buys.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, group: int = 50) -> None:
+        self.lengths, self.batch_size, self.seed, self.group, self.epoch = list(lengths), batch_size, seed, group, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def batches(self) -> list[list[int]]:
+        """This epoch's batches, in the order they are served."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        perm = torch.randperm(len(self.lengths), generator=g).tolist()
+        size = self.batch_size * self.group
+        full, short = [], []
+        for start in range(0, len(perm), size):
+            rows = sorted(perm[start:start + size], key=lambda i: -self.lengths[i])
+            for k in range(0, len(rows), self.batch_size):
+                (full if len(rows[k:k + self.batch_size]) == self.batch_size else short).append(rows[k:k + self.batch_size])
+        return [full[i] for i in torch.randperm(len(full), generator=g).tolist()] + short
+
+    def __iter__(self):
+        for batch in self.batches():
+            yield from batch
+
+
+def trainer_class(loss_penalty: Callable[[torch.nn.Module], torch.Tensor] | None = None, fused_lm_head: bool = True,
+                  group_by_length: bool = False):
     """The ``SFTTrainer`` subclass every run uses.
+
+    * ``group_by_length=True`` draws training batches with :class:`LengthGroupedBatches` (less padding,
+      same rows per epoch; ``make bench`` measures what it buys).
 
     * ``fused_lm_head=False`` drops TRL's chunked log-probability head and trains on the model's own
       cross-entropy over the collator's labels (the same loss: -100 outside the trained tokens, summed
@@ -127,6 +177,13 @@ def trainer_class(loss_penalty: Callable[[torch.nn.Module], torch.Tensor] | None
             super().__init__(*args, **kwargs)
             if not fused_lm_head:
                 _drop_fused_head(self.model)
+
+        def _get_train_sampler(self, train_dataset=None):
+            dataset = train_dataset if train_dataset is not None else self.train_dataset
+            if not group_by_length or "input_ids" not in getattr(dataset, "column_names", ()):
+                return super()._get_train_sampler(train_dataset)
+            return LengthGroupedBatches([len(ids) for ids in dataset["input_ids"]], self.args.train_batch_size,
+                                        self.args.data_seed if self.args.data_seed is not None else self.args.seed)
 
         def _save_checkpoint(self, model, trial):
             final = Path(self.args.output_dir)
@@ -193,10 +250,9 @@ def train_sft(model, tokenizer, dataset, profile: Profile, peft_config=None, cal
     """
     from transformers.trainer_utils import get_last_checkpoint
 
-    from labhelpers.data import validate_rows
     from labhelpers.peft_methods import callbacks_for
 
-    fmt = validate_rows(dataset)
+    train_dataset, fmt = sft_dataset(dataset, tokenizer)
     recorder = _Recorder(desc="fine-tune" if peft_config is None else f"fine-tune ({type(peft_config).__name__})")
     if checkpoint_dir is not None:
         if not save_steps or save_steps < 1:
@@ -207,8 +263,8 @@ def train_sft(model, tokenizer, dataset, profile: Profile, peft_config=None, cal
     with (tempfile.TemporaryDirectory(prefix="sftlabs-train-") if checkpoint_dir is None
           else contextlib.nullcontext(str(checkpoint_dir))) as out:
         torch.manual_seed(profile.seed)
-        trainer = trainer_class(loss_penalty, profile.fused_lm_head)(model=model, args=sft_config(profile, fmt, out, **overrides),
-                             train_dataset=sft_dataset(dataset), processing_class=tokenizer,
+        trainer = trainer_class(loss_penalty, profile.fused_lm_head, profile.group_by_length)(model=model, args=sft_config(profile, fmt, out, **overrides),
+                             train_dataset=train_dataset, processing_class=tokenizer,
                              peft_config=peft_config, callbacks=[recorder, *callbacks_for(peft_config), *callbacks])
         trainer.remove_callback(PrinterCallback)  # the recorder's progress bar replaces per-step log lines
         counts = count_parameters(trainer.model)

@@ -84,10 +84,28 @@ def test_bad_rows_name_the_problem(rows, message):
 def test_sft_dataset_keeps_only_training_columns():
     from labhelpers.tasks import load_split
 
-    ds = data.sft_dataset(load_split("code", "train", 4))
-    assert ds.column_names == ["messages"]
-    ds = data.sft_dataset(load_split("arithmetic", "train", 4).remove_columns("messages"))
-    assert ds.column_names == ["prompt", "completion"]
+    ds, fmt = data.sft_dataset(load_split("code", "train", 4))
+    assert (ds.column_names, fmt) == (["messages"], "chat")
+    ds, fmt = data.sft_dataset(load_split("arithmetic", "train", 4).remove_columns("messages"))
+    assert (ds.column_names, fmt) == (["prompt", "completion"], "completion")
+
+
+@pytest.mark.parametrize("task", ["code", "sql", "arithmetic"])
+def test_chat_rows_tokenized_here_equal_trl_preparation(task, base, tmp_path):
+    """labhelpers tokenizes chat rows itself (faster); TRL's own preparation gives the same ids and labels."""
+    from trl import SFTConfig, SFTTrainer
+
+    from labhelpers.tasks import load_split
+
+    model, tokenizer = base  # TRL only reads its config here; nothing trains
+    rows = load_split(task, "train", 300).select_columns(["messages"])
+    ours, fmt = data.sft_dataset(rows, tokenizer)
+    args = SFTConfig(output_dir=str(tmp_path), assistant_only_loss=True, max_length=None, use_cpu=True,
+                     report_to="none", gradient_checkpointing=False)
+    theirs = SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer).train_dataset
+    assert fmt == "tokenized" and len(ours) == len(theirs) == len(rows) > 100
+    assert ours["input_ids"] == theirs["input_ids"]
+    assert ours["labels"] == theirs["labels"]
 
 
 def test_trl_sees_generation_markers_and_a_trained_stop_token(tokenizer):

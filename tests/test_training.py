@@ -110,3 +110,29 @@ def test_packed_padding_free_training_runs(ci_profile):
     result = train_sft(model, tokenizer, load_split("code", "train", 64), profile,
                        peft_config=peft_config("lora", profile), packing=True, padding_free=True)
     assert result.steps == 3 and all(math.isfinite(x) for x in result.loss_curve["loss"])
+
+
+def test_length_grouped_batches_cover_every_row_with_less_padding():
+    import random
+
+    from labhelpers.training import LengthGroupedBatches
+
+    rng = random.Random(0)
+    lengths = [rng.randint(40, 160) for _ in range(1000)]
+    sampler = LengthGroupedBatches(lengths, batch_size=16, seed=3)
+    first = list(sampler)
+    assert sorted(first) == list(range(1000)) and len(sampler) == 1000  # every row once per epoch
+    batches = [first[i:i + 16] for i in range(0, 1000, 16)]
+    assert batches == sampler.batches()  # the loader's batches are the sampler's (the short one last)
+    padded = sum(max(lengths[i] for i in b) * len(b) for b in batches) / sum(lengths)
+    shuffled = list(range(1000))
+    rng.shuffle(shuffled)
+    random_padded = sum(max(lengths[i] for i in shuffled[k:k + 16]) * 16 for k in range(0, 992, 16))
+    random_padded = (random_padded + max(lengths[i] for i in shuffled[992:]) * 8) / sum(lengths)
+    assert padded < 1.03 < 1.3 < random_padded
+    assert list(LengthGroupedBatches(lengths, 16, seed=3)) == first  # a resumed run sees the same order
+    sampler.set_epoch(1)
+    assert list(sampler) != first
+    # not longest-to-shortest: batch lengths are shuffled across the epoch
+    widths = [max(lengths[i] for i in b) for b in batches[:-1]]
+    assert widths != sorted(widths, reverse=True)

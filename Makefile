@@ -17,12 +17,13 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 export MPLBACKEND ?= Agg
 
-.PHONY: setup browser data base-model labs test bench gpu-smoke release jupyter check autograde feedback grades clean help
+.PHONY: setup browser data base-model labs test bench bench-notebooks gpu-smoke release jupyter check autograde feedback grades clean help
 
 help:
 	@echo "make labs     run every lab headlessly (PROFILE=auto|ci|cpu|t4|gpu-24gb) into build/"
 	@echo "make test     unit tests, notebook runs (ci profile), nbgrader round trip"
 	@echo "make bench    benchmarks side by side -> build/bench.md, build/bench.json; make gpu-smoke on a CUDA machine"
+	@echo "make bench-notebooks   run every lab in the ci and cpu profiles now and time them (every lab twice: tens of minutes on 2 cores)"
 	@echo "make check LAB=...  run your notebook the way the grader does and list which exercises pass"
 	@echo "make setup | data | base-model [SIZE=micro|tiny|small] | release | jupyter | autograde LAB=... | feedback LAB=... | grades"
 
@@ -61,6 +62,9 @@ test: setup $(CHROMIUM)
 
 bench: setup
 	$(PY) -m labhelpers.bench --out build
+
+bench-notebooks: setup
+	$(PY) -m labhelpers.bench --only notebooks --run-notebooks ci cpu --out build
 
 gpu-smoke: setup
 	$(PY) -m labhelpers.gpu_smoke --out build/gpu-smoke.json

@@ -495,7 +495,7 @@ def _check_positive(**values) -> None:
             raise ValueError(f"{name} must be a positive number, got {value!r}")
 
 
-def _nf4_bytes(numel: int) -> int:
+def nf4_bytes(numel: int) -> int:
     """Bytes of one NF4 weight with double quantization, as bitsandbytes stores it: packed codes
     (2 per byte), one uint8 absmax per 64 values, one fp32 scale per 256 absmax, the fp32 offset,
     and the 256-entry nested and 16-entry NF4 code books (fp32) each weight carries."""
@@ -503,7 +503,7 @@ def _nf4_bytes(numel: int) -> int:
     return math.ceil(numel / 2) + blocks + 4 * math.ceil(blocks / NESTED_BLOCKSIZE) + 4 + 4 * 256 + 4 * 16
 
 
-def _adam_bytes(numels: list[int], adam_8bit: bool) -> int:
+def adam_state_bytes(numels: list[int], adam_8bit: bool) -> int:
     """AdamW states for parameters of ``numels``: 2 fp32 moments and a step counter each; bitsandbytes'
     8-bit AdamW keeps tensors of at least 4096 values as uint8 codes + one fp32 scale per 256."""
     total = 0
@@ -574,10 +574,10 @@ def estimate_training_step(arch: "Architecture | str", method: "str | Method", b
         weights = arch.params * a + lora_params * 4
         trainable, grads = lora_numels, lora_params * 4
     else:
-        nf4 = sum(_nf4_bytes(i * o) * n for k, i, o, n in arch.linear_shapes)
+        nf4 = sum(nf4_bytes(i * o) * n for k, i, o, n in arch.linear_shapes)
         weights = nf4 + other * 4 + lora_params * 4
         trainable, grads = lora_numels, lora_params * 4
-    optimizer = _adam_bytes(trainable, m.adam_8bit)
+    optimizer = adam_state_bytes(trainable, m.adam_8bit)
 
     T, s, h, i, d = batch_size * seq_len, seq_len, arch.hidden, arch.intermediate, arch.head_dim
     full = m.base == "full"
@@ -676,20 +676,16 @@ OPTIMIZERS = {"adamw_torch": "torch.optim.AdamW", "adamw_bnb_8bit": "bitsandbyte
 
 
 def make_optimizer(name: str, params, lr: float = 1e-4):
-    """An optimizer by its ``transformers`` ``optim`` name (the keys of :data:`OPTIMIZERS`)."""
-    import bitsandbytes as bnb
-    import torch
+    """An optimizer by its ``transformers`` ``optim`` name: the class :data:`OPTIMIZERS` names."""
+    import importlib
 
-    params = list(params)
-    if name == "adamw_torch":
-        return torch.optim.AdamW(params, lr=lr)
-    classes = {"adamw_bnb_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
-               "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}
-    if name not in classes:
+    if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}")
+    module, _, class_name = OPTIMIZERS[name].rpartition(".")
+    optimizer_class = getattr(importlib.import_module(module), class_name)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # paged optimizers fall back to ordinary memory off CUDA, and say so
-        return classes[name](params, lr=lr)
+        return optimizer_class(list(params), lr=lr)
 
 
 def optimizer_memory(profile, optimizers=tuple(OPTIMIZERS), method: str = "full", batch_size: int = 8,

@@ -755,9 +755,7 @@ def train_instruct_start(profile, folder: str | Path, steps: int, task_fraction:
     like an instruct model that has seen a little of everything. Saved to ``folder``."""
     import random
 
-    from labhelpers.models import load_model
     from labhelpers.tasks import task_rows
-    from labhelpers.training import fine_tune
 
     if not 0.0 <= task_fraction <= 1.0:
         raise ValueError(f"task_fraction must be in [0, 1], got {task_fraction}")
@@ -767,9 +765,7 @@ def train_instruct_start(profile, folder: str | Path, steps: int, task_fraction:
         pool = task_rows(task, "train")
         rows += rng.sample(pool, round(task_fraction * len(pool)))
     rng.shuffle(rows)
-    model, tokenizer = load_model(profile)
-    run = fine_tune(model, tokenizer, rows, profile, steps)
-    return save_model(run.model, tokenizer, folder), run
+    return _train_and_save(rows, profile, folder, steps)
 
 
 def train_expert(tasks_: Sequence[str], profile, folder: str | Path, steps: int, start: str | Path | None = None,
@@ -783,12 +779,20 @@ def train_expert(tasks_: Sequence[str], profile, folder: str | Path, steps: int,
     """
     import random
 
-    from labhelpers.models import load_model
     from labhelpers.tasks import task_rows
-    from labhelpers.training import fine_tune
 
     rows = [row for task in tasks_ for row in task_rows(task, "train")]
     random.Random(profile.seed).shuffle(rows)
+    return _train_and_save(rows, profile, folder, steps, start, learning_rate, peft_config)
+
+
+def _train_and_save(rows: list[dict], profile, folder: str | Path, steps: int, start: str | Path | None = None,
+                    learning_rate: float | None = None, peft_config=None) -> tuple[Path, object]:
+    """Load ``start`` (default: the profile's base), fine-tune it on ``rows`` and save it to ``folder``
+    (with ``peft_config``: the adapter to ``folder/adapter``, the merged weights to ``folder``)."""
+    from labhelpers.models import load_model
+    from labhelpers.training import fine_tune
+
     model, tokenizer = load_model(profile, str(start) if start is not None else None)
     run = fine_tune(model, tokenizer, rows, profile, steps, learning_rate=learning_rate, peft_config=peft_config)
     trained = run.model

@@ -212,13 +212,20 @@ def compare_methods(methods: list[str], profile: Profile, task: str = "code", ad
 
 
 GIB = 2**30
-WEIGHT_BYTES = {None: 2.0, "nf4": 0.5 + 0.03}  # bf16/fp16 weights; NF4 + double-quantized absmax
-TRAINABLE_BYTES = 16.0  # fp32 weight + gradient + Adam's two moments, per trainable parameter
 
 
 def estimate_training_gib(n_params: float, trainable_fraction: float, quantization: str | None) -> float:
-    """Weights + gradients + optimizer states in GiB (activations are excluded: Lab 4 measures them)."""
-    return (n_params * WEIGHT_BYTES[quantization] + n_params * trainable_fraction * TRAINABLE_BYTES) / GIB
+    """Weights + gradients + optimizer states in GiB (activations are excluded: Lab 4 measures them).
+
+    Frozen weights in 16 bits, or NF4 with double quantization (``quantization="nf4"``); trainable
+    parameters in fp32 with an fp32 gradient and AdamW's two moments. The bytes come from Lab 4's
+    estimator (:func:`labhelpers.memory.nf4_bytes`, :func:`labhelpers.memory.adam_state_bytes`), here
+    for a model seen as one tensor of ``n_params`` values."""
+    from labhelpers.memory import adam_state_bytes, nf4_bytes
+
+    trainable = round(n_params * trainable_fraction)
+    weights = nf4_bytes(round(n_params)) if quantization == "nf4" else 2 * n_params
+    return (weights + 8 * trainable + adam_state_bytes([trainable], adam_8bit=False)) / GIB
 
 
 def gpu_guidance(comparison, model_sizes_b=(0.5, 1.5, 7.0, 13.0), gpus_gib=(8, 12, 16, 24),

@@ -22,6 +22,17 @@ def test_bench_quick_writes_every_section(tmp_path):
         assert heading in text
 
 
+def test_bench_runs_notebooks_when_asked(tmp_path):
+    from pathlib import Path
+
+    fixtures = Path(__file__).parent / "fixtures"
+    assert bench.main(["--only", "notebooks", "--run-notebooks", "smoke", "--notebook-source", str(fixtures),
+                       "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "bench.json").read_text())["notebooks"]
+    assert [(r["lab"], r["profile"]) for r in rows] == [("demo_lab", "smoke")] and rows[0]["seconds"] > 0
+    assert "## Notebooks" in (tmp_path / "bench.md").read_text()
+
+
 @pytest.mark.slow
 def test_gpu_smoke_dry_run_covers_every_lab(tmp_path):
     out = tmp_path / "gpu-smoke.json"

@@ -164,3 +164,16 @@ def test_fsdp_two_processes_each_hold_half(tmp_path):
         assert 0.45 <= share <= 0.55, share
         assert all(torch.isfinite(torch.tensor(r["losses"])))
     assert sum(r["weights"] for r in ranks) == pytest.approx(single[0]["weights"], rel=0.01)
+
+
+def test_make_optimizer_builds_each_named_class_and_rejects_others():
+    import bitsandbytes as bnb
+
+    expected = {"adamw_torch": torch.optim.AdamW, "adamw_bnb_8bit": bnb.optim.AdamW8bit,
+                "paged_adamw_8bit": bnb.optim.PagedAdamW8bit, "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}
+    assert set(memory.OPTIMIZERS) == set(expected)
+    for name, cls in expected.items():
+        optimizer = memory.make_optimizer(name, [torch.nn.Parameter(torch.zeros(64, 64))], lr=1e-3)
+        assert type(optimizer) is cls and optimizer.param_groups[0]["lr"] == 1e-3
+    with pytest.raises(ValueError, match="unknown optimizer 'sgd'; valid: adamw_torch"):
+        memory.make_optimizer("sgd", [torch.nn.Parameter(torch.zeros(2))])

@@ -107,11 +107,17 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float, eps: float = 1e-8,
     return (torch.sin((1 - t) * omega) / s * a32 + torch.sin(t * omega) / s * b32).to(a.dtype)
 
 
+def trim_count(n: int, density: float) -> int | None:
+    """How many of ``n`` entries TIES keeps: ``ceil(density * n)`` (None: all of them)."""
+    _check_density(density)
+    k = math.ceil(density * n)
+    return None if k >= n else k
+
+
 def trim_threshold(magnitudes: torch.Tensor, density: float) -> torch.Tensor | None:
     """The magnitude of the ``ceil(density * n)``-th largest entry (None: density keeps everything)."""
-    _check_density(density)
-    k = math.ceil(density * magnitudes.numel())
-    if k >= magnitudes.numel():
+    k = trim_count(magnitudes.numel(), density)
+    if k is None:
         return None
     return magnitudes.flatten().kthvalue(magnitudes.numel() - k + 1).values
 
@@ -554,20 +560,21 @@ def tensor_statistics(method: str, name: str, base: Checkpoint | None, experts: 
     random generators."""
     if not DTYPES[experts[0].tensors[name].dtype].is_floating_point:
         return {}
-    n = math.prod(experts[0].tensors[name].shape)
-    spans = [(start, min(n, start + chunk)) for start in range(0, n, chunk)]
     if method == "dare":
         return {"generators": dare_generators(knobs.get("seed", 0), name, len(experts))}
+    n = math.prod(experts[0].tensors[name].shape)
+    spans = [(start, min(n, start + chunk)) for start in range(0, n, chunk)]
     if method == "ties":
+        k = trim_count(n, knobs["density"])
+        if k is None:
+            return {"thresholds": [None] * len(experts)}
         thresholds = []
         for expert in experts:
             magnitudes = torch.empty(n, dtype=torch.float32)
             for start, stop in spans:
                 torch.sub(expert.elements(name, start, stop).float(), base.elements(name, start, stop).float(),
                           out=magnitudes[start:stop]).abs_()
-            _check_density(knobs["density"])
-            k = math.ceil(knobs["density"] * n)
-            thresholds.append(None if k >= n else kth_largest(magnitudes, k, chunk))
+            thresholds.append(kth_largest(magnitudes, k, chunk))
             del magnitudes
         return {"thresholds": thresholds}
     if method == "slerp":

@@ -144,7 +144,8 @@ class LengthGroupedBatches(torch.utils.data.Sampler):
         for start in range(0, len(perm), size):
             rows = sorted(perm[start:start + size], key=lambda i: -self.lengths[i])
             for k in range(0, len(rows), self.batch_size):
-                (full if len(rows[k:k + self.batch_size]) == self.batch_size else short).append(rows[k:k + self.batch_size])
+                batch = rows[k:k + self.batch_size]
+                (full if len(batch) == self.batch_size else short).append(batch)
         return [full[i] for i in torch.randperm(len(full), generator=g).tolist()] + short
 
     def __iter__(self):

@@ -260,14 +260,11 @@ def run_notebooks(profiles_: list[str], out: Path, source: Path | None = None) -
     """Run every lab (``solutions/``, or ``source``) in each profile, one after another, into
     ``out/notebooks/<profile>/``; returns that folder, whose ``runtime.json`` files
     :func:`notebook_timings` reads."""
-    from labhelpers.runner import discover, run_lab
+    from labhelpers.runner import run_labs
 
     root = out / "notebooks"
     for profile in profiles_:
-        for notebook in discover(source):
-            print(f"running {notebook.stem} (profile {profile}) ...", flush=True)
-            run = run_lab(notebook, root / profile, profile)
-            print(f"  done in {run.seconds:.0f} s", flush=True)
+        run_labs(root / profile, profile, source)
     return root
 
 

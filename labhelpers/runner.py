@@ -62,6 +62,16 @@ def run_lab(notebook: Path, out: Path, profile: str, kernel: str = KERNEL, timeo
     return LabRun(lab, workdir / notebook.name, seconds, metrics)
 
 
+def run_labs(out: Path, profile: str, source: Path | None = None) -> list[LabRun]:
+    """Run every lab :func:`discover` finds, one after another, into ``out/<lab>/``, printing progress."""
+    runs = []
+    for notebook in discover(source):
+        print(f"running {notebook.stem} (profile {profile}) ...", flush=True)
+        runs.append(run_lab(notebook, out, profile))
+        print(f"  done in {runs[-1].seconds:.0f} s", flush=True)
+    return runs
+
+
 def extract_figures(notebook: Path, folder: Path) -> list[Path]:
     """Write every PNG an executed notebook displays to ``folder/fig-NN.png`` (in cell order)."""
     import base64
@@ -169,15 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     from labhelpers.profiles import get
 
     get(args.profile)  # fail early, with the list of valid names, on a typo
-    notebooks = discover(args.source)
-    if not notebooks:
+    runs = run_labs(args.out, args.profile, args.source)
+    if not runs:
         print(f"no labs yet: nothing under {args.source or REPO_ROOT / 'solutions'} matches <lab>/<lab>.ipynb")
         return 0
-    runs = []
-    for nb in notebooks:
-        print(f"running {nb.stem} (profile {args.profile}) ...", flush=True)
-        runs.append(run_lab(nb, args.out, args.profile))
-        print(f"  done in {runs[-1].seconds:.0f} s", flush=True)
     print(f"summary: {write_summary(runs, args.out, args.profile)}")
     print(f"report: {write_report(runs, args.out, args.profile)}")
     return 0

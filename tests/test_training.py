@@ -136,3 +136,77 @@ def test_length_grouped_batches_cover_every_row_with_less_padding():
     # not longest-to-shortest: batch lengths are shuffled across the epoch
     widths = [max(lengths[i] for i in b) for b in batches[:-1]]
     assert widths != sorted(widths, reverse=True)
+
+
+def _padded_batch(tokenizer, n: int = 6):
+    """A padded batch of code rows as TRL's collator makes it: -100 on the prompt and the padding."""
+    import torch
+
+    from labhelpers.data import tokenize_rows
+    from labhelpers.tasks import task_rows
+
+    rows = tokenize_rows(task_rows("code", "train", n), tokenizer, 160)
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((n, width), tokenizer.pad_token_id)
+    labels = torch.full((n, width), -100)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    for k, r in enumerate(rows):
+        m = len(r["input_ids"])
+        ids[k, :m], labels[k, :m], mask[k, :m] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1
+    assert (labels == -100).sum() > (mask == 0).sum()  # some prompt tokens are untrained too
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "dora", "ia3"])
+@pytest.mark.parametrize("num_items", [None, 123])
+def test_trained_positions_loss_equals_the_models_loss(ci_profile, method, num_items):
+    import torch
+    from peft import get_peft_model
+
+    from labhelpers.training import supports_trained_positions_loss, trained_positions_loss
+
+    model, tokenizer = load_model(ci_profile)
+    config = peft_config(method, ci_profile)
+    if config is not None:
+        model = get_peft_model(model, config)
+    model.train()
+    assert supports_trained_positions_loss(model)
+    batch = _padded_batch(tokenizer)
+    extra = {} if num_items is None else {"num_items_in_batch": torch.tensor(num_items)}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    expected = model(**batch, use_cache=False, **extra).loss
+    want = torch.autograd.grad(expected, trainable)
+    got_loss = trained_positions_loss(model, batch, extra.get("num_items_in_batch"))
+    got = torch.autograd.grad(got_loss, trainable)
+    assert got_loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
+def test_trained_positions_loss_is_refused_where_the_forward_adds_to_the_loss(ci_profile):
+    from peft import PromptTuningConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from labhelpers.training import supports_trained_positions_loss
+
+    model, _ = load_model(ci_profile)
+    assert not supports_trained_positions_loss(get_peft_model(model, peft_config("adalora", ci_profile)))
+    model, _ = load_model(ci_profile)
+    prompt = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+    assert not supports_trained_positions_loss(get_peft_model(model, prompt))
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    assert not supports_trained_positions_loss(gpt2)
+
+
+@pytest.mark.slow
+def test_training_on_trained_positions_only_gives_the_same_losses(ci_profile, monkeypatch):
+    from labhelpers import training
+
+    profile = ci_profile.with_(max_steps=6)
+    curves = []
+    for supported in (True, False):
+        monkeypatch.setattr(training, "supports_trained_positions_loss", lambda model, s=supported: s)
+        model, tokenizer = load_model(profile)
+        result = train_sft(model, tokenizer, load_split("code", "train", 200), profile)
+        curves.append(result.loss_curve["loss"].tolist())
+    assert curves[0] == pytest.approx(curves[1], rel=1e-4)

@@ -4,10 +4,10 @@ Every comparison runs its contenders interleaved, ``--repeats`` times, and repor
 
 * **SFT throughput** on the variable-length ``code`` data: labhelpers' training path
   (:func:`labhelpers.training.train_sft` as the labs run it: chat rows tokenized in batched calls,
-  random padded batches, the model's loss with its output layer applied at trained positions only)
-  vs the same with batches grouped by length vs with TRL's padding-free batching vs TRL's
-  ``SFTTrainer`` with its defaults (random padded batches, gradient checkpointing, the fused log-prob
-  head) vs a plain PyTorch loop (random padded batches, the model's own loss); same model, rows,
+  padded batches of rows of similar length drawn four batches at a time, the model's loss with its
+  output layer applied at trained positions only) vs the same with random batches vs with TRL's
+  padding-free batching vs TRL's ``SFTTrainer`` with its defaults (random padded batches, gradient
+  checkpointing, the fused log-prob head) vs a plain PyTorch loop (random padded batches, the model's own loss); same model, rows,
   batch size and steps; real (non-padding) tokens per second, data preparation included, with the
   range of the ratio to TRL over the repetitions.
 * **Merging**: :func:`labhelpers.merging.merge_checkpoints` (streaming, by chunks) vs loading whole
@@ -68,9 +68,9 @@ def run_labhelpers(profile, rows, steps: int, **overrides) -> float:
     return time.perf_counter() - start
 
 
-def run_labhelpers_grouped_by_length(profile, rows, steps: int) -> float:
-    """The same path with batches of rows of similar length (:class:`labhelpers.training.LengthGroupedBatches`)."""
-    return run_labhelpers(profile.with_(group_by_length=True), rows, steps)
+def run_labhelpers_random_batches(profile, rows, steps: int) -> float:
+    """The same path with random batches instead of the profile's length groups (``length_group=0``)."""
+    return run_labhelpers(profile.with_(length_group=0), rows, steps)
 
 
 def run_labhelpers_padding_free(profile, rows, steps: int) -> float:
@@ -130,7 +130,7 @@ def bench_training(profile, steps: int, repeats: int) -> dict:
 
     rows = _rows(2000)
     tokens = _real_tokens(rows, load_tokenizer(profile), steps, profile.batch_size)
-    contenders = {"labhelpers": run_labhelpers, "labhelpers_grouped_by_length": run_labhelpers_grouped_by_length,
+    contenders = {"labhelpers": run_labhelpers, "labhelpers_random_batches": run_labhelpers_random_batches,
                   "labhelpers_padding_free": run_labhelpers_padding_free,
                   "trl_default": run_trl_default, "plain_pytorch": run_plain_loop}
     seconds = {name: [] for name in contenders}

@@ -43,7 +43,7 @@ class Profile:
     n_eval: int | None
     eval_batch_size: int
     fused_lm_head: bool = True  # TRL's chunked log-prob head: less memory on big vocabularies, slower on small
-    group_by_length: bool = False  # batches of rows of similar length: less padding, other dynamics (training.LengthGroupedBatches)
+    length_group: int = 4  # 0: random batches; k: k random batches at a time regrouped by length (training.LengthGroupedBatches)
     seed: int = 0
 
     def with_(self, **changes) -> "Profile":

@@ -12,7 +12,7 @@ from labhelpers import bench, gpu_smoke
 def test_bench_quick_writes_every_section(tmp_path):
     assert bench.main(["--quick", "--repeats", "1", "--out", str(tmp_path)]) == 0
     results = json.loads((tmp_path / "bench.json").read_text())
-    assert set(results["training"]["contenders"]) == {"labhelpers", "labhelpers_grouped_by_length", "labhelpers_padding_free",
+    assert set(results["training"]["contenders"]) == {"labhelpers", "labhelpers_random_batches", "labhelpers_padding_free",
                                                       "trl_default", "plain_pytorch"}
     assert all(v["tokens_per_s"] > 0 for v in results["training"]["contenders"].values())
     assert len(results["merging"]) == 2 and all(r["streaming_peak_rss_mib"] >= 0 for r in results["merging"])

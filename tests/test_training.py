@@ -112,14 +112,15 @@ def test_packed_padding_free_training_runs(ci_profile):
     assert result.steps == 3 and all(math.isfinite(x) for x in result.loss_curve["loss"])
 
 
-def test_length_grouped_batches_cover_every_row_with_less_padding():
+@pytest.mark.parametrize("group, most_padding", [(4, 1.15), (50, 1.03)])
+def test_length_grouped_batches_cover_every_row_with_less_padding(group, most_padding):
     import random
 
     from labhelpers.training import LengthGroupedBatches
 
     rng = random.Random(0)
     lengths = [rng.randint(40, 160) for _ in range(1000)]
-    sampler = LengthGroupedBatches(lengths, batch_size=16, seed=3)
+    sampler = LengthGroupedBatches(lengths, batch_size=16, seed=3, group=group)
     first = list(sampler)
     assert sorted(first) == list(range(1000)) and len(sampler) == 1000  # every row once per epoch
     batches = [first[i:i + 16] for i in range(0, 1000, 16)]
@@ -129,8 +130,8 @@ def test_length_grouped_batches_cover_every_row_with_less_padding():
     rng.shuffle(shuffled)
     random_padded = sum(max(lengths[i] for i in shuffled[k:k + 16]) * 16 for k in range(0, 992, 16))
     random_padded = (random_padded + max(lengths[i] for i in shuffled[992:]) * 8) / sum(lengths)
-    assert padded < 1.03 < 1.3 < random_padded
-    assert list(LengthGroupedBatches(lengths, 16, seed=3)) == first  # a resumed run sees the same order
+    assert padded < most_padding < 1.3 < random_padded
+    assert list(LengthGroupedBatches(lengths, 16, seed=3, group=group)) == first  # a resumed run sees the same order
     sampler.set_epoch(1)
     assert list(sampler) != first
     # not longest-to-shortest: batch lengths are shuffled across the epoch
@@ -210,3 +211,19 @@ def test_training_on_trained_positions_only_gives_the_same_losses(ci_profile, mo
         result = train_sft(model, tokenizer, load_split("code", "train", 200), profile)
         curves.append(result.loss_curve["loss"].tolist())
     assert curves[0] == pytest.approx(curves[1], rel=1e-4)
+
+
+@pytest.mark.parametrize("length_group", [0, 4])
+def test_the_profiles_length_group_chooses_the_sampler(ci_profile, length_group, tmp_path):
+    from labhelpers.data import sft_dataset
+    from labhelpers.training import LengthGroupedBatches, sft_config, trainer_class
+
+    assert ci_profile.length_group == 4  # what every lab runs with
+    model, tokenizer = load_model(ci_profile)
+    dataset, fmt = sft_dataset(load_split("code", "train", 64), tokenizer)
+    trainer = trainer_class(fused_lm_head=False, length_group=length_group)(
+        model=model, args=sft_config(ci_profile, fmt, str(tmp_path)), train_dataset=dataset, processing_class=tokenizer)
+    sampler = trainer._get_train_sampler()
+    assert isinstance(sampler, LengthGroupedBatches) == (length_group > 0)
+    if length_group:
+        assert sampler.group == length_group and sorted(sampler) == list(range(64))

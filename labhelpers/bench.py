@@ -7,9 +7,9 @@ Every comparison runs its contenders interleaved, ``--repeats`` times, and repor
   padded batches of rows of similar length drawn four batches at a time, the model's loss with its
   output layer applied at trained positions only) vs the same with random batches vs with TRL's
   padding-free batching vs TRL's ``SFTTrainer`` with its defaults (random padded batches, gradient
-  checkpointing, the fused log-prob head) vs a plain PyTorch loop (random padded batches, the model's own loss); same model, rows,
-  batch size and steps; real (non-padding) tokens per second, data preparation included, with the
-  range of the ratio to TRL over the repetitions.
+  checkpointing, the fused log-prob head) vs a plain PyTorch loop (random padded batches, the model's
+  own loss); same model, rows, batch size and steps; real (non-padding) tokens per second, data
+  preparation included, with the range of the ratio to TRL over the repetitions.
 * **Merging**: :func:`labhelpers.merging.merge_checkpoints` (streaming, by chunks) vs loading whole
   state dicts, task arithmetic, and streamed TIES, on locally built models of 162M and 276M parameters
   (12 and 24 layers, same largest tensor): wall time and peak RSS of a subprocess, also as a multiple

@@ -7,12 +7,18 @@ TORCH_VERSION := 2.13.0
 PROFILE ?= auto
 SIZE ?= tiny
 LAB ?=
+STEPS ?=
+QUICK ?=
+DRY_RUN ?=
+JUPYTER_ARGS ?=
+NOTEBOOK_PROFILES ?= ci cpu
 KERNEL := sftlabs
-# Keep Jupyter and IPython state inside the project, never in the home directory.
-export JUPYTER_CONFIG_DIR := $(CURDIR)/$(VENV)/etc/jupyter-config
-export JUPYTER_DATA_DIR := $(CURDIR)/$(VENV)/share/jupyter
-export JUPYTER_RUNTIME_DIR := $(CURDIR)/$(VENV)/.jupyter-runtime
-export IPYTHONDIR := $(CURDIR)/$(VENV)/.ipython
+# Keep Jupyter and IPython state inside the project's environment, never in the home directory.
+VENV_DIR := $(abspath $(VENV))
+export JUPYTER_CONFIG_DIR := $(VENV_DIR)/etc/jupyter-config
+export JUPYTER_DATA_DIR := $(VENV_DIR)/share/jupyter
+export JUPYTER_RUNTIME_DIR := $(VENV_DIR)/.jupyter-runtime
+export IPYTHONDIR := $(VENV_DIR)/.ipython
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 export MPLBACKEND ?= Agg
@@ -22,10 +28,11 @@ export MPLBACKEND ?= Agg
 help:
 	@echo "make labs     run every lab headlessly (PROFILE=auto|ci|cpu|t4|gpu-24gb) into build/"
 	@echo "make test     unit tests, notebook runs (ci profile), nbgrader round trip"
-	@echo "make bench    benchmarks side by side -> build/bench.md, build/bench.json; make gpu-smoke on a CUDA machine"
+	@echo "make bench    benchmarks side by side -> build/bench.md, build/bench.json (QUICK=1: tiny sizes, seconds)"
+	@echo "make gpu-smoke  each lab's core path on a CUDA machine -> build/gpu-smoke.json (DRY_RUN=1: on the CPU, smoke profile)"
 	@echo "make bench-notebooks   run every lab in the ci and cpu profiles now and time them (every lab twice: tens of minutes on 2 cores)"
 	@echo "make check LAB=...  run your notebook the way the grader does and list which exercises pass"
-	@echo "make setup | data | base-model [SIZE=micro|tiny|small] | release | jupyter | autograde LAB=... | feedback LAB=... | grades"
+	@echo "make setup | data | base-model [SIZE=micro|tiny|small] [STEPS=n] | release | jupyter | autograde LAB=... | feedback LAB=... | grades"
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -52,7 +59,7 @@ data: setup
 	$(PY) -m labhelpers.tasks
 
 base-model: data
-	$(PY) -m labhelpers.pretrain --size $(SIZE)
+	$(PY) -m labhelpers.pretrain --size $(SIZE) $(if $(STEPS),--steps $(STEPS))
 
 labs: setup
 	$(PY) -m labhelpers.runner --profile $(PROFILE) --out build
@@ -61,19 +68,19 @@ test: setup $(CHROMIUM)
 	$(PY) -m pytest -q
 
 bench: setup
-	$(PY) -m labhelpers.bench --out build
+	$(PY) -m labhelpers.bench --out build $(if $(QUICK),--quick --repeats 1)
 
 bench-notebooks: setup
-	$(PY) -m labhelpers.bench --only notebooks --run-notebooks ci cpu --out build
+	$(PY) -m labhelpers.bench --only notebooks --run-notebooks $(NOTEBOOK_PROFILES) --out build
 
 gpu-smoke: setup
-	$(PY) -m labhelpers.gpu_smoke --out build/gpu-smoke.json
+	$(PY) -m labhelpers.gpu_smoke --out build/gpu-smoke.json $(if $(DRY_RUN),--dry-run)
 
 release: setup
 	$(PY) -m labhelpers.grading release
 
 jupyter: setup
-	$(VENV)/bin/jupyter lab --notebook-dir=labs
+	$(VENV)/bin/jupyter lab --notebook-dir=labs $(JUPYTER_ARGS)
 
 check: setup
 	$(PY) -m labhelpers.grading check $(LAB)

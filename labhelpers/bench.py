@@ -269,7 +269,9 @@ def run_notebooks(profiles_: list[str], out: Path, source: Path | None = None) -
 
     root = out / "notebooks"
     for profile in profiles_:
-        run_labs(root / profile, profile, source)
+        failed = [run for run in run_labs(root / profile, profile, source) if not run.passed]
+        if failed:  # the time of a lab that stopped early measures nothing
+            raise RuntimeError("; ".join(f"{run.lab} ({profile}) failed at {run.failure.describe()}" for run in failed))
     return root
 
 

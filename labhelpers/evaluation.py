@@ -13,6 +13,18 @@ from labhelpers.chat import require_chat_template
 from labhelpers.tasks import get_task, load_split
 
 
+def retention(score: float, reference: float) -> float:
+    """The fraction of a reference score that a model keeps: ``score / reference``.
+
+    When the reference scores 0 there is no skill to lose, so nothing was lost: the retention is 1.0,
+    whatever ``score`` is (a reference of 0 happens in the ``smoke`` profile, whose 4-step experts learn
+    nothing). Above 1 means the model beats the reference. Scores must be finite and non-negative.
+    """
+    if not (math.isfinite(score) and math.isfinite(reference)) or score < 0 or reference < 0:
+        raise ValueError(f"retention needs finite, non-negative scores; got score={score!r}, reference={reference!r}")
+    return score / reference if reference > 0 else 1.0
+
+
 def prompt_text(row: dict, tokenizer, task_format: str) -> str:
     """The text a model continues for a row: the chat prompt (all turns but the answer, plus the
     generation prompt) for chat tasks, the raw ``prompt`` for completion tasks."""

@@ -18,10 +18,11 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from labhelpers.paths import REPO_ROOT
-from labhelpers.runner import discover
+from labhelpers.runner import discover, stderr_to
 
 
 def _memory_limit(gib: float | None):
@@ -138,10 +139,16 @@ def check(notebook: Path, env: dict | None = None, timeout_s: int = 900) -> "pd.
     old = {k: os.environ.get(k) for k in grading_env(env)}
     os.environ.update(grading_env(env))
     try:
-        with chdir(str(notebook.parent)):
+        with chdir(str(notebook.parent)), tempfile.TemporaryDirectory() as tmp:
             import nbformat
 
-            nb = validator._preprocess(nbformat.read(notebook.name, as_version=4))
+            log = Path(tmp) / "kernel.log"
+            try:  # the kernel's start-up log ("running over TCP without encryption") only if it fails
+                with stderr_to(log):
+                    nb = validator._preprocess(nbformat.read(notebook.name, as_version=4))
+            except Exception:
+                print(log.read_text()[-3000:], file=sys.stderr)
+                raise
     finally:
         for k, v in old.items():
             if v is None:

@@ -852,8 +852,11 @@ def sweep_merges(configs: Sequence[Mapping], experts: Sequence[str | Path], base
 
 
 def preservation(table, expert_scores: Mapping[str, Mapping[str, float]]):
-    """Add ``<task>_kept`` = score / the score of that task's own expert (capability preservation)."""
+    """Add ``<task>_kept`` = the :func:`~labhelpers.evaluation.retention` of each merge's score against
+    the score of that task's own expert (capability preservation; 1.0 where the expert scores 0)."""
+    from labhelpers.evaluation import retention
+
     out = table.copy()
     for task, scores in expert_scores.items():
-        out[f"{task}_kept"] = out[task] / scores[task] if scores[task] > 0 else math.nan
+        out[f"{task}_kept"] = [retention(float(v), float(scores[task])) for v in out[task]]
     return out

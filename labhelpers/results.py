@@ -21,7 +21,7 @@ def results_dir() -> Path:
 def save_metrics(lab: str, metrics: dict) -> Path:
     """Merge ``metrics`` into ``<results>/<lab>/metrics.json`` (atomic write) and return its path."""
     for key, value in metrics.items():
-        if not isinstance(value, (int, float, str, bool)) or (isinstance(value, float) and math.isnan(value)):
+        if not isinstance(value, (int, float, str, bool)) or (isinstance(value, float) and not math.isfinite(value)):
             raise ValueError(f"metric {key!r} is {value!r}; metrics must be finite numbers, strings or booleans")
     path = results_dir() / lab / "metrics.json"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -2,23 +2,44 @@
 
 Each ``solutions/<lab>/<lab>.ipynb`` is executed with ``PROFILE`` injected into its ``parameters``
 cell, inside ``<out>/<lab>/``, and written to ``<out>/<lab>/<lab>.ipynb``; every figure it shows is
-also saved as ``<out>/<lab>/figures/fig-NN.png``.
-Metrics the notebook saves (:mod:`labhelpers.results`) and the run time go into ``<out>/summary.md``.
+also saved as ``<out>/<lab>/figures/fig-NN.png``. After each lab, ``<out>/summary.md`` and
+``<out>/report.html`` are rewritten with every lab finished so far, so a late failure loses nothing.
+A lab that fails is reported (which cell, the error) and the next lab still runs; the exit status is
+0 only when every lab passed. The kernel's own log goes to ``<out>/<lab>/kernel.log``, shown only
+when the lab fails.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from labhelpers.paths import REPO_ROOT, build_dir
 
 KERNEL = "sftlabs"
+
+
+@dataclass(frozen=True)
+class LabFailure:
+    """Where a lab stopped: the cell as the student sees it (``In [n]`` and its first line) and the error."""
+
+    execution_count: int | None
+    cell_first_line: str
+    error: str
+    traceback: str = ""
+
+    def describe(self) -> str:
+        where = f"cell In [{self.execution_count}]" if self.execution_count is not None else "before any cell ran"
+        first = f" `{self.cell_first_line}`" if self.cell_first_line else ""
+        return f"{where}{first}: {self.error}"
 
 
 @dataclass(frozen=True)
@@ -27,6 +48,11 @@ class LabRun:
     notebook: Path
     seconds: float
     metrics: dict
+    failure: LabFailure | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.failure is None
 
 
 def discover(source: Path | None = None) -> list[Path]:
@@ -35,40 +61,104 @@ def discover(source: Path | None = None) -> list[Path]:
     return sorted(p for p in source.glob("*/*.ipynb") if p.stem == p.parent.name)
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def failure_from(error: BaseException) -> LabFailure:
+    """A :class:`LabFailure` from what papermill raised (a cell's error) or from any other exception
+    (a dead kernel, a cell past its time limit)."""
+    from papermill.exceptions import PapermillExecutionError
+
+    if isinstance(error, PapermillExecutionError):
+        first = next((line.strip() for line in str(error.source).splitlines() if line.strip()), "")
+        trace = _ANSI.sub("", "\n".join(error.traceback or []))
+        return LabFailure(error.exec_count, first[:120], f"{error.ename}: {error.evalue}", trace)
+    return LabFailure(None, "", f"{type(error).__name__}: {error}")
+
+
+@contextlib.contextmanager
+def stderr_to(path: Path) -> Iterator[None]:
+    """Send this process's standard error (file descriptor 2, which the kernel inherits) to ``path``.
+
+    The kernel logs its start-up ("running over TCP without encryption") there; students see it only
+    when a lab fails."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(path, "w") as log:
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def run_lab(notebook: Path, out: Path, profile: str, kernel: str = KERNEL, timeout_s: int = 1800) -> LabRun:
-    """Execute one notebook with papermill and return what it recorded. Raises on any cell error."""
+    """Execute one notebook with papermill into ``out/<lab>/`` and return what it recorded.
+
+    A cell error does not raise: it is returned in :attr:`LabRun.failure`, with the executed notebook
+    (error included) and whatever metrics the lab saved before it. Metrics of an earlier run are
+    removed first, so every number in the result comes from this run."""
     import papermill
 
     from labhelpers.results import load_metrics
 
-    lab = notebook.stem
+    lab = Path(notebook).stem
     out = Path(out).resolve()  # the kernel runs inside out/<lab>: a relative path would point elsewhere
     workdir = out / lab
     workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "metrics.json").unlink(missing_ok=True)
+    executed = workdir / Path(notebook).name
     os.environ["SFTLABS_RESULTS"] = str(out)
     backend = os.environ.pop("MPLBACKEND", None)  # the kernel must draw inline, so that figures are kept
+    failure = None
     start = time.perf_counter()
     try:
-        papermill.execute_notebook(str(Path(notebook).resolve()), str(workdir / notebook.name),
-                                   parameters={"PROFILE": profile}, kernel_name=kernel, cwd=str(workdir),
-                                   progress_bar=False, execution_timeout=timeout_s, request_save_on_cell_execute=False)
+        with stderr_to(workdir / "kernel.log"):
+            papermill.execute_notebook(str(Path(notebook).resolve()), str(executed), parameters={"PROFILE": profile},
+                                       kernel_name=kernel, cwd=str(workdir), progress_bar=False,
+                                       execution_timeout=timeout_s, request_save_on_cell_execute=False)
+    except Exception as error:  # noqa: BLE001 - any failure of one lab is reported, and the next lab runs
+        failure = failure_from(error)
     finally:
         if backend is not None:
             os.environ["MPLBACKEND"] = backend
     seconds = time.perf_counter() - start
-    extract_figures(workdir / notebook.name, workdir / "figures")
-    metrics = load_metrics(lab, out)
-    (workdir / "runtime.json").write_text(json.dumps({"seconds": seconds, "profile": profile}) + "\n")
-    return LabRun(lab, workdir / notebook.name, seconds, metrics)
+    if executed.exists():
+        extract_figures(executed, workdir / "figures")
+    try:
+        metrics = load_metrics(lab, out)
+    except FileNotFoundError:
+        if failure is None:
+            raise
+        metrics = {}
+    (workdir / "runtime.json").write_text(json.dumps({"seconds": seconds, "profile": profile,
+                                                      "passed": failure is None}) + "\n")
+    return LabRun(lab, executed, seconds, metrics, failure)
 
 
 def run_labs(out: Path, profile: str, source: Path | None = None) -> list[LabRun]:
-    """Run every lab :func:`discover` finds, one after another, into ``out/<lab>/``, printing progress."""
-    runs = []
-    for notebook in discover(source):
-        print(f"running {notebook.stem} (profile {profile}) ...", flush=True)
-        runs.append(run_lab(notebook, out, profile))
-        print(f"  done in {runs[-1].seconds:.0f} s", flush=True)
+    """Run every lab :func:`discover` finds, one after another, into ``out/<lab>/``: one progress line
+    a lab, and ``summary.md`` and ``report.html`` rewritten as soon as each lab finishes."""
+    out = Path(out).resolve()
+    notebooks = discover(source)
+    runs: list[LabRun] = []
+    for i, notebook in enumerate(notebooks, 1):
+        print(f"[{i}/{len(notebooks)}] {notebook.stem} (profile {profile}) ...", end="", flush=True)
+        run = run_lab(notebook, out, profile)
+        runs.append(run)
+        if run.passed:
+            print(f" passed in {run.seconds:.0f} s", flush=True)
+        else:
+            print(f" FAILED after {run.seconds:.0f} s\n    {run.failure.describe()}\n"
+                  f"    executed notebook: {run.notebook}", flush=True)
+            log = out / run.lab / "kernel.log"  # a kernel that died or hung says why only there
+            tail = log.read_text().strip().splitlines()[-20:] if log.exists() and not run.failure.traceback else []
+            if tail:
+                print("    kernel log (last lines):\n" + "\n".join(f"      {line}" for line in tail), flush=True)
+        write_summary(runs, out, profile)
+        write_report(runs, out, profile)
     return runs
 
 
@@ -89,17 +179,37 @@ def extract_figures(notebook: Path, folder: Path) -> list[Path]:
     return paths
 
 
+def _status(run: LabRun) -> str:
+    return "passed" if run.passed else "FAILED"
+
+
 def write_summary(runs: list[LabRun], out: Path, profile: str) -> Path:
-    """``summary.md``: one section per lab with its run time and every metric it recorded."""
-    lines = [f"# SFT Labs results (profile `{profile}`)", ""]
+    """``summary.md``: a table of every lab's status and run time, then one section per lab with
+    where it failed (if it did) and every metric it recorded. ``out`` must be the resolved folder."""
+    passed = sum(run.passed for run in runs)
+    lines = [f"# SFT Labs results (profile `{profile}`)", "", f"{passed} of {len(runs)} labs passed.", "",
+             "| lab | status | run time (s) |", "|---|---|---|",
+             *[f"| {run.lab} | {_status(run)} | {run.seconds:.0f} |" for run in runs], ""]
     for run in runs:
-        lines += [f"## {run.lab}", "", f"- notebook: `{run.notebook.relative_to(out)}`",
-                  f"- run time: {run.seconds:.0f} s", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in run.metrics.items()]
+        lines += [f"## {run.lab}", "", f"- status: {_status(run)}", f"- notebook: `{run.notebook.relative_to(out)}`",
+                  f"- run time: {run.seconds:.0f} s"]
+        if run.failure:
+            lines += [f"- failed at {run.failure.describe()}"]
+        if run.metrics:
+            lines += ["", "| metric | value |", "|---|---|"]
+            lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in run.metrics.items()]
+        else:
+            lines += ["- no metrics were recorded"]
         lines.append("")
     path = out / "summary.md"
-    path.write_text("\n".join(lines))
+    _write_atomic(path, "\n".join(lines))
     return path
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 REPORT_PACKAGES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "datasets", "accelerate", "nbgrader")
@@ -144,7 +254,8 @@ def write_report(runs: list[LabRun], out: Path, profile: str) -> Path:
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>SFT Labs results</title><style>",
              "body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
              "table{border-collapse:collapse;font-size:12px;margin:.6em 0}td,th{border:1px solid #ccc;padding:2px 6px}"
-             "img{max-width:100%;border:1px solid #eee;margin:.4em 0}.meta td:first-child{font-weight:bold}",
+             "img{max-width:100%;border:1px solid #eee;margin:.4em 0}.meta td:first-child{font-weight:bold}"
+             ".failed{color:#a00;font-weight:bold}pre.error{background:#fee;padding:.6em;overflow-x:auto;font-size:12px}",
              "</style></head><body>", f"<h1>SFT Labs results: profile <code>{html.escape(profile)}</code></h1>",
              "<table class='meta'>",
              f"<tr><td>profile</td><td>{html.escape(resolved.name)} (base model {html.escape(resolved.base_model)}, "
@@ -152,22 +263,31 @@ def write_report(runs: list[LabRun], out: Path, profile: str) -> Path:
              f"<tr><td>seed</td><td>{resolved.seed}</td></tr>",
              *[f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in env.items()],
              f"<tr><td>total run time</td><td>{sum(r.seconds for r in runs):.0f} s</td></tr></table>",
-             "<h2>Contents</h2><ul>", *[f"<li><a href='#{r.lab}'>{r.lab}</a> ({r.seconds:.0f} s)</li>" for r in runs],
+             f"<h2>Contents</h2><p>{sum(r.passed for r in runs)} of {len(runs)} labs passed.</p><ul>",
+             *[f"<li><a href='#{r.lab}'>{r.lab}</a> ({r.seconds:.0f} s){_status_html(r)}</li>" for r in runs],
              "</ul>"]
     for run in runs:
         rel = run.notebook.relative_to(out)
         figures = sorted((run.notebook.parent / "figures").glob("fig-*.png"))
-        parts += [f"<h2 id='{run.lab}'>{run.lab}</h2>",
-                  f"<p>run time {run.seconds:.0f} s; executed notebook: <a href='{rel}'>{rel}</a></p>",
-                  "<h3>Measured</h3><table>",
+        tables = notebook_tables(run.notebook) if run.notebook.exists() else []
+        parts += [f"<h2 id='{run.lab}'>{run.lab}{_status_html(run)}</h2>",
+                  f"<p>run time {run.seconds:.0f} s; executed notebook: <a href='{rel}'>{rel}</a></p>"]
+        if run.failure:
+            parts += [f"<p class='failed'>Failed at {html.escape(run.failure.describe())}</p>",
+                      f"<pre class='error'>{html.escape(run.failure.traceback)}</pre>" if run.failure.traceback else ""]
+        parts += ["<h3>Measured</h3><table>",
                   *[f"<tr><td>{html.escape(k)}</td><td>{v:.4g}</td></tr>" if isinstance(v, float)
                     else f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>" for k, v in run.metrics.items()],
-                  "</table>", "<h3>Tables</h3>", *notebook_tables(run.notebook), "<h3>Figures</h3>",
+                  "</table>", "<h3>Tables</h3>", *tables, "<h3>Figures</h3>",
                   *[f"<img src='{f.relative_to(out)}' alt='{run.lab} figure {i}'>" for i, f in enumerate(figures, 1)]]
     parts.append("</body></html>")
     path = out / "report.html"
-    path.write_text("\n".join(parts))
+    _write_atomic(path, "\n".join(parts))
     return path
+
+
+def _status_html(run: LabRun) -> str:
+    return "" if run.passed else " <span class='failed'>FAILED</span>"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,14 +298,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from labhelpers.profiles import get
 
-    get(args.profile)  # fail early, with the list of valid names, on a typo
-    runs = run_labs(args.out, args.profile, args.source)
+    profile = get(args.profile).name  # fails early, with the valid names, on a typo; "auto" is resolved here
+    out = args.out.resolve()  # once, here: everything below gets the absolute folder
+    source = args.source.resolve() if args.source else None
+    runs = run_labs(out, profile, source)
     if not runs:
-        print(f"no labs yet: nothing under {args.source or REPO_ROOT / 'solutions'} matches <lab>/<lab>.ipynb")
+        print(f"no labs yet: nothing under {source or REPO_ROOT / 'solutions'} matches <lab>/<lab>.ipynb")
         return 0
-    print(f"summary: {write_summary(runs, args.out, args.profile)}")
-    print(f"report: {write_report(runs, args.out, args.profile)}")
-    return 0
+    passed = sum(run.passed for run in runs)
+    print(f"{passed} of {len(runs)} labs passed in {sum(run.seconds for run in runs):.0f} s; "
+          f"summary: {out / 'summary.md'}, report: {out / 'report.html'}")
+    return 0 if passed == len(runs) else 1
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -33,13 +34,13 @@ def _free_port() -> int:
 def jupyterlab(tmp_path_factory):
     assert Path(CHROMIUM).exists(), "Chromium is missing: `make test` installs it (Debian package chromium)"
     port, token = _free_port(), "sftlabs-test"
-    runtime = tmp_path_factory.mktemp("jupyter-runtime")
-    env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(runtime)}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
-         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={REPO_ROOT / 'labs'}",
-         "--ServerApp.open_browser=False", "--allow-root", "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
-        cwd=REPO_ROOT / "labs", env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # started as the README says, `make jupyter` (JupyterLab on labs/), with a fixed port and token
+    args = (f"--no-browser --ip=127.0.0.1 --port={port} --IdentityProvider.token={token} --allow-root "
+            "--ServerApp.open_browser=False --LabApp.news_url= "
+            "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate")
+    server = subprocess.Popen(["make", "--no-print-directory", "jupyter", f"VENV={sys.prefix}", f"JUPYTER_ARGS={args}"],
+                              cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     for _ in range(120):
         try:
@@ -50,14 +51,14 @@ def jupyterlab(tmp_path_factory):
                 raise RuntimeError(f"JupyterLab did not start:\n{server.stderr.read()[-3000:]}")
             time.sleep(0.5)
     else:
-        server.kill()
+        os.killpg(server.pid, signal.SIGKILL)
         raise RuntimeError("JupyterLab did not answer within 60 s")
     yield url, token
-    server.terminate()
+    os.killpg(server.pid, signal.SIGTERM)  # make and the server it started
     try:
         server.wait(timeout=20)
     except subprocess.TimeoutExpired:
-        server.kill()
+        os.killpg(server.pid, signal.SIGKILL)
 
 
 def _wait_for_idle_kernel(url: str, token: str, path: str, timeout_s: float = 90) -> dict:
@@ -105,6 +106,8 @@ def test_lab_renders_in_jupyterlab(notebook, jupyterlab, browser):
     kernel = page.locator("[data-jp-item-name='kernelName'], .jp-KernelName").first.inner_text()
     assert "Python 3" in kernel, kernel
     assert page.locator(".jp-Dialog").count() == 0, page.locator(".jp-Dialog").first.inner_text()
+    # JupyterLab renders a long notebook's cells progressively (windowing): wait for the first ten
+    page.wait_for_function("document.querySelectorAll('.jp-NotebookPanel .jp-Cell').length >= 10", timeout=30_000)
     cells = page.locator(".jp-NotebookPanel .jp-Cell").count()
     shots = build_dir() / "browser"
     shots.mkdir(parents=True, exist_ok=True)

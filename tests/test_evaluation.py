@@ -33,3 +33,24 @@ def test_perplexity_and_blocks(base):
     with pytest.raises(ValueError, match="fewer than one block"):
         token_blocks(["hi"], tokenizer, 512)
     assert token_blocks(["1 + 1 = 2"] * 10, tokenizer, 8).dtype == torch.long
+
+
+def test_retention_is_the_kept_fraction_and_one_when_there_was_nothing_to_keep():
+    from labhelpers.evaluation import retention
+
+    assert retention(0.45, 0.9) == pytest.approx(0.5) and retention(1.0, 0.5) == pytest.approx(2.0)
+    # a reference that scores 0 has nothing to lose (the smoke profile's 4-step experts)
+    assert retention(0.0, 0.0) == 1.0 and retention(0.3, 0.0) == 1.0
+    for bad in ((float("nan"), 1.0), (0.5, float("inf")), (-0.1, 1.0)):
+        with pytest.raises(ValueError, match="finite, non-negative"):
+            retention(*bad)
+
+
+def test_preservation_is_finite_when_an_expert_scores_zero():
+    import pandas as pd
+
+    from labhelpers.merging import preservation
+
+    table = pd.DataFrame({"code": [0.0, 0.5], "sql": [0.2, 0.4]})
+    out = preservation(table, {"code": {"code": 0.0, "sql": 0.1}, "sql": {"code": 0.3, "sql": 0.8}})
+    assert out["code_kept"].tolist() == [1.0, 1.0] and out["sql_kept"].tolist() == pytest.approx([0.25, 0.5])

@@ -38,6 +38,17 @@ def test_round_trip_on_every_lab(lab, tmp_path):
         return
     # the papermill run already asserts the lab's effects; grading runs it in the smallest profile
     _check_round_trip(grading.round_trip(tmp_path, lab, env={"SFTLABS_PROFILE": "smoke"}))
+    # nbgrader goes on past an error in an ungraded cell: the solution must run clean in that profile too
+    errors = _error_cells(tmp_path / "autograded" / "solution" / lab / f"{lab}.ipynb")
+    assert not errors, f"{lab} fails in the smoke profile: {errors}"
+
+
+def _error_cells(notebook: Path) -> list[str]:
+    """``"In [n]: ename: evalue"`` for every cell of an executed notebook that shows an error."""
+    nb = json.loads(notebook.read_text())
+    return [f"In [{c.get('execution_count')}]: {o['ename']}: {o['evalue']}"[:300]
+            for c in nb["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])
+            if o.get("output_type") == "error"]
 
 
 def _cells(notebook: Path) -> list[tuple]:

@@ -1,0 +1,230 @@
+"""The README's commands, run as the README gives them: ``make <target>`` in a scratch copy of the
+repository, with the Makefile's own defaults (``build/`` relative to the checkout).
+
+The scratch copy holds every file of this checkout that git tracks or would track, with fixture labs
+in ``solutions/`` so that each run takes seconds, and the course environment linked in as ``.venv``
+(``make`` must find it up to date; building a second one would take minutes). ``make test`` is the one
+target not run here: ``.ci/run`` runs it, and this file is part of it. ``make jupyter`` is started by
+``tests/test_browser.py``, which opens every released lab through it.
+"""
+
+from __future__ import annotations
+
+import csv
+import filecmp
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from labhelpers.paths import REPO_ROOT
+
+FIXTURE_LAB = Path(__file__).parent / "fixtures" / "demo_lab" / "demo_lab.ipynb"
+VENV = Path(sys.prefix)
+# every target the README names -> the test that runs it through make
+COVERED = {"labs": "test_make_labs_from_a_scratch_checkout", "test": ".ci/run", "setup": "scratch_repo",
+           "jupyter": "tests/test_browser.py", "data": "test_make_data_rewrites_the_shipped_files_byte_for_byte",
+           "base-model": "test_make_base_model_pretrains_a_base", "release": "test_instructor_cycle_through_make",
+           "check": "test_instructor_cycle_through_make", "autograde": "test_instructor_cycle_through_make",
+           "feedback": "test_instructor_cycle_through_make", "grades": "test_instructor_cycle_through_make",
+           "bench": "test_make_bench_quick_writes_every_section", "bench-notebooks": "test_make_bench_notebooks",
+           "gpu-smoke": "test_make_gpu_smoke_dry_run_covers_every_lab"}
+
+
+def make(repo: Path, *args: str, timeout_s: int = 900) -> subprocess.CompletedProcess:
+    """``make ARGS`` in ``repo`` as a user runs it (stdout and stderr together, as on a terminal)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SFTLABS_", "PYTEST_"))}
+    return subprocess.run(["make", "--no-print-directory", *args], cwd=repo, env=env, text=True, timeout=timeout_s,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def fixture_lab(name: str, before_save: str | None = None) -> dict:
+    """The demo fixture lab renamed to ``name`` (it saves its metrics under that name), with
+    ``before_save`` inserted as a cell before its metrics are saved."""
+    nb = json.loads(FIXTURE_LAB.read_text())
+    for cell in nb["cells"]:
+        cell["source"] = "".join(cell["source"]).replace('"demo_lab"', f'"{name}"')
+    if before_save is not None:
+        nb["cells"].insert(len(nb["cells"]) - 1, _code_cell(before_save))
+    for i, cell in enumerate(nb["cells"]):
+        cell["id"] = f"cell-{i}"
+    return nb
+
+
+def _code_cell(source: str) -> dict:
+    return {"cell_type": "code", "metadata": {}, "source": source, "outputs": [], "execution_count": None}
+
+
+def scratch_repo(dest: Path, labs: dict[str, dict]) -> Path:
+    """A copy of this checkout in ``dest`` (what git tracks or would track, modification times kept)
+    whose ``solutions/`` holds ``labs`` and whose ``labs/`` is empty, with the course environment as
+    ``.venv``. Fails when ``make`` would rebuild that environment."""
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO_ROOT, check=True,
+                            capture_output=True, text=True).stdout.split("\0")
+    for rel in filter(None, listed):
+        if rel.split("/")[0] in ("solutions", "labs") or not (REPO_ROOT / rel).is_file():
+            continue
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO_ROOT / rel, dest / rel)
+    for name, nb in labs.items():
+        (dest / "solutions" / name).mkdir(parents=True)
+        (dest / "solutions" / name / f"{name}.ipynb").write_text(json.dumps(nb, indent=1))
+    (dest / "labs").mkdir()
+    (dest / ".venv").symlink_to(VENV)
+    assert make(dest, "--question", ".venv/.installed").returncode == 0, \
+        "the course environment is older than pyproject.toml: run `make setup` first"
+    return dest
+
+
+def make_in_scratch(tmp_path: Path, labs: dict[str, dict], *args: str) -> Path:
+    """A :func:`scratch_repo` holding ``labs`` in which ``make ARGS`` succeeds; returns the repository."""
+    repo = scratch_repo(tmp_path / "repo", labs)
+    proc = make(repo, *args)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    return repo
+
+
+def _outputs(notebook: Path) -> list[dict]:
+    return [o for c in json.loads(notebook.read_text())["cells"] for o in c.get("outputs", [])]
+
+
+def test_every_target_the_readme_names_is_run_through_make():
+    readme = (REPO_ROOT / "README.md").read_text()
+    named = set(re.findall(r"`make ([a-z][a-z0-9-]*)", readme))
+    assert named, "the README names no make target"
+    assert named <= set(COVERED), f"README targets without a make-level test: {sorted(named - set(COVERED))}"
+    makefile = (REPO_ROOT / "Makefile").read_text()
+    assert all(re.search(rf"^{re.escape(t)}:", makefile, re.M) for t in named), "the README names a missing target"
+
+
+@pytest.mark.slow
+def test_make_labs_from_a_scratch_checkout(tmp_path):
+    repo = scratch_repo(tmp_path / "repo", {"demo_lab": fixture_lab("demo_lab")})
+    assert "Nothing to be done" in make(repo, "setup").stdout or make(repo, "--question", "setup").returncode == 0
+    proc = make(repo, "labs", "PROFILE=ci")
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    build = repo / "build"
+    summary = (build / "summary.md").read_text()
+    assert "1 of 1 labs passed" in summary and "| demo_lab | passed |" in summary and "| mean | 3 |" in summary
+    report = (build / "report.html").read_text()
+    assert "<h2 id='demo_lab'>demo_lab</h2>" in report and "<img src='demo_lab/figures/fig-01.png'" in report
+    executed = build / "demo_lab" / "demo_lab.ipynb"
+    assert not [o for o in _outputs(executed) if o["output_type"] == "error"] and _outputs(executed)
+    assert (build / "demo_lab" / "figures" / "fig-01.png").exists()
+    # quiet: one progress line per lab and one closing line; the kernel's start-up log is kept aside
+    assert re.search(r"^\[1/1\] demo_lab \(profile ci\) \.\.\. passed in \d+ s$", proc.stdout, re.M), proc.stdout
+    assert "without encryption" not in proc.stdout and "Traceback" not in proc.stdout
+    assert "1 of 1 labs passed" in proc.stdout
+    ran = [line for line in proc.stdout.splitlines() if not line.startswith(".venv/bin/python")]
+    assert len(ran) == 2, ran
+
+
+@pytest.mark.slow
+def test_make_labs_reports_a_failing_lab_and_runs_the_rest(tmp_path):
+    # the last lab checks, while it runs, that the first two were already written to the summary and report
+    written_so_far = ('import os\nfrom pathlib import Path\nout = Path(os.environ["SFTLABS_RESULTS"])\n'
+                      'text = (out / "summary.md").read_text() + (out / "report.html").read_text()\n'
+                      'assert "a_first" in text and "b_broken" in text and "FAILED" in text, text')
+    labs = {"a_first": fixture_lab("a_first"),
+            "b_broken": fixture_lab("b_broken", before_save='raise RuntimeError("deliberate failure for the test")'),
+            "c_last": fixture_lab("c_last", before_save=written_so_far)}
+    repo = scratch_repo(tmp_path / "repo", labs)
+    (repo / "build" / "b_broken").mkdir(parents=True)
+    (repo / "build" / "b_broken" / "metrics.json").write_text('{"stale": 1}')  # from an earlier run
+    proc = make(repo, "labs", "PROFILE=ci")
+    assert proc.returncode != 0, proc.stdout
+    assert "[2/3] b_broken (profile ci) ... FAILED" in proc.stdout
+    assert "RuntimeError: deliberate failure for the test" in proc.stdout
+    assert "[3/3] c_last (profile ci) ... passed" in proc.stdout and "2 of 3 labs passed" in proc.stdout
+    summary = (repo / "build" / "summary.md").read_text()
+    assert "| a_first | passed |" in summary and "| b_broken | FAILED |" in summary and "| c_last | passed |" in summary
+    assert re.search(r"failed at cell In \[\d+\] `raise RuntimeError.*`: RuntimeError: deliberate failure", summary)
+    assert "stale" not in summary, "metrics of an earlier run must not be reported"
+    report = (repo / "build" / "report.html").read_text()
+    for lab in labs:
+        assert f"<h2 id='{lab}'>" in report, lab
+    assert "deliberate failure for the test" in report and "<img src='c_last/figures/fig-01.png'" in report
+    assert json.loads((repo / "build" / "c_last" / "metrics.json").read_text())["mean"] == pytest.approx(3.0)
+
+
+@pytest.mark.slow
+def test_instructor_cycle_through_make(tmp_path):
+    repo = scratch_repo(tmp_path / "repo", {"demo_lab": fixture_lab("demo_lab")})
+    proc = make(repo, "release")
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    released = repo / "labs" / "demo_lab" / "demo_lab.ipynb"
+    assert "raise NotImplementedError()" in released.read_text() and "BEGIN HIDDEN TESTS" not in released.read_text()
+    # a student checks the untouched release (fails), then the finished notebook (passes)
+    blank = make(repo, "check", "LAB=demo_lab")
+    assert blank.returncode != 0 and "0 of 3 points" in blank.stdout, blank.stdout[-3000:]
+    assert "without encryption" not in blank.stdout
+    done = make(repo, "check", f"LAB={repo / 'solutions' / 'demo_lab' / 'demo_lab.ipynb'}")
+    assert done.returncode == 0 and "3 of 3 points" in done.stdout, done.stdout[-3000:]
+    # the instructor collects two submissions, autogrades, writes feedback and exports the grades
+    for student, notebook in (("ada", repo / "solutions" / "demo_lab" / "demo_lab.ipynb"), ("bob", released)):
+        (repo / "submitted" / student / "demo_lab").mkdir(parents=True)
+        shutil.copy(notebook, repo / "submitted" / student / "demo_lab" / "demo_lab.ipynb")
+    graded = make(repo, "autograde", "LAB=demo_lab")
+    assert graded.returncode == 0, graded.stdout[-4000:]
+    assert make(repo, "feedback", "LAB=demo_lab").returncode == 0
+    assert (repo / "feedback" / "ada" / "demo_lab" / "demo_lab.html").exists()
+    assert make(repo, "grades").returncode == 0
+    with open(repo / "grades.csv", newline="") as f:
+        scores = {row["student_id"]: (float(row["score"]), float(row["max_score"])) for row in csv.DictReader(f)}
+    assert scores == {"ada": (3.0, 3.0), "bob": (0.0, 3.0)}, (repo / "grades.csv").read_text()
+
+
+@pytest.mark.slow
+def test_make_data_rewrites_the_shipped_files_byte_for_byte(tmp_path):
+    repo = scratch_repo(tmp_path / "repo", {})
+    for path in (repo / "data").rglob("*.jsonl"):
+        path.unlink()
+    proc = make(repo, "data")
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    written = [Path(line) for line in proc.stdout.splitlines() if line.startswith(str(repo))]
+    assert len(written) >= 10
+    for path in written:
+        assert filecmp.cmp(path, REPO_ROOT / path.relative_to(repo), shallow=False), path
+
+
+@pytest.mark.slow
+def test_make_base_model_pretrains_a_base(tmp_path):
+    repo = make_in_scratch(tmp_path, {}, "base-model", "SIZE=micro", "STEPS=3")
+    manifest = json.loads((repo / "data" / "base-model-micro" / "manifest.json").read_text())
+    assert manifest["pretrain_config"]["steps"] == 3 and (repo / "data" / "base-model-micro" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_make_bench_quick_writes_every_section(tmp_path):
+    repo = make_in_scratch(tmp_path, {}, "bench", "QUICK=1")
+    results = json.loads((repo / "build" / "bench.json").read_text())
+    assert set(results["training"]["contenders"]) == {"labhelpers", "labhelpers_random_batches", "labhelpers_padding_free",
+                                                      "trl_default", "plain_pytorch"}
+    assert all(v["tokens_per_s"] > 0 for v in results["training"]["contenders"].values())
+    assert len(results["merging"]) == 2 and all(r["streaming_peak_rss_mib"] >= 0 for r in results["merging"])
+    assert {r["method"] for r in results["memory"]} == {"full", "lora", "qlora", "qlora+gc+8bit"}
+    text = (repo / "build" / "bench.md").read_text()
+    for heading in ("SFT throughput", "Merging", "NF4 quantization", "Memory"):
+        assert heading in text
+
+
+@pytest.mark.slow
+def test_make_bench_notebooks(tmp_path):
+    repo = make_in_scratch(tmp_path, {"demo_lab": fixture_lab("demo_lab")}, "bench-notebooks", "NOTEBOOK_PROFILES=smoke")
+    rows = json.loads((repo / "build" / "bench.json").read_text())["notebooks"]
+    assert [(r["lab"], r["profile"]) for r in rows] == [("demo_lab", "smoke")] and rows[0]["seconds"] > 0
+    assert "## Notebooks" in (repo / "build" / "bench.md").read_text()
+
+
+@pytest.mark.slow
+def test_make_gpu_smoke_dry_run_covers_every_lab(tmp_path):
+    repo = make_in_scratch(tmp_path, {}, "gpu-smoke", "DRY_RUN=1")
+    report = json.loads((repo / "build" / "gpu-smoke.json").read_text())
+    assert report["profile"] == "smoke" and set(report["labs"]) == {"lab1_peft", "lab2_domain", "lab3_merging", "lab4_memory"}
+    assert set(report["labs"]["lab4_memory"]) >= {"full", "lora", "qlora+gc", "seconds"}
+    assert 0 <= report["labs"]["lab3_merging"]["merged"]["code"] <= 1

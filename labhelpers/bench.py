@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 from labhelpers.paths import build_dir
+from labhelpers.units import to_mib
 
 
 def _median(xs):
@@ -193,7 +194,7 @@ def build_checkpoints(folder: Path, hidden: int, layers: int, vocab: int = 32000
         model.save_pretrained(folder / name, safe_serialization=True)
         paths.append(folder / name)
     del model
-    return paths, {"params": params, "largest_tensor_mib": largest / 2**20, "layers": layers, "hidden": hidden}
+    return paths, {"params": params, "largest_tensor_mib": to_mib(largest), "layers": layers, "hidden": hidden}
 
 
 def bench_merging(shapes=((768, 12), (768, 24)), repeats: int = 2) -> list[dict]:
@@ -251,9 +252,9 @@ def bench_memory(profile) -> list[dict]:
         model, optimizer = memory.setup_training(method, profile)
         measured = memory.measure_training_step(model, batch, optimizer)
         estimated = memory.estimate_for_profile(profile, method)
-        rows.append({"method": method, "measured_peak_mib": measured.peak / 2**20,
-                     "estimated_peak_mib": estimated.peak / 2**20, "estimate_over_measured": estimated.peak / measured.peak,
-                     "measured_total_mib": measured.total / 2**20, "estimated_total_mib": estimated.total / 2**20})
+        rows.append({"method": method, "measured_peak_mib": to_mib(measured.peak),
+                     "estimated_peak_mib": to_mib(estimated.peak), "estimate_over_measured": estimated.peak / measured.peak,
+                     "measured_total_mib": to_mib(measured.total), "estimated_total_mib": to_mib(estimated.total)})
     return rows
 
 

@@ -81,9 +81,3 @@ def sync_notebook(path: Path) -> bool:
     if new != text:
         path.write_text(new)
     return new != text
-
-
-def setup_cell(notebook: Path) -> str:
-    """The setup cell's source as it stands in ``notebook`` (for tests)."""
-    nb = json.loads(Path(notebook).read_text())
-    return "".join(next(c["source"] for c in nb["cells"] if c.get("id") == SETUP_ID))

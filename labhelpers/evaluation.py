@@ -82,12 +82,6 @@ def task_scores(model, tokenizer, tasks: Sequence[str], n: int | None = None, ba
     return {task: float(evaluate_task(model, tokenizer, task, split, n, batch_size)["correct"].mean()) for task in tasks}
 
 
-def score_tasks(model, tokenizer, splits: dict[str, tuple[str, str]], n: int | None = None) -> pd.DataFrame:
-    """One score per named (task, split): ``{"code pass@1": ("code", "test"), ...}`` -> one-row DataFrame."""
-    return pd.DataFrame([{name: evaluate_task(model, tokenizer, task, split, n)["correct"].mean()
-                          for name, (task, split) in splits.items()}])
-
-
 def token_blocks(texts: Sequence[str], tokenizer, seq_len: int) -> torch.Tensor:
     """Texts joined by the end-of-turn token and cut into ``[n_blocks, seq_len]`` blocks of ids."""
     ids: list[int] = []

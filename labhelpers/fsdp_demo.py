@@ -1,6 +1,6 @@
 """A real FSDP run of the shipped base model, launched with ``accelerate launch`` (Lab 4, part 6).
 
-    accelerate launch --config_file configs/accelerate/fsdp_cpu_2proc.yaml -m labhelpers.fsdp_demo --out out.json
+    accelerate launch --config_file labhelpers/configs/accelerate/fsdp_cpu_2proc.yaml -m labhelpers.fsdp_demo --out out.json
 
 Each rank trains a few steps on its own micro-batch and reports the bytes *it* holds of weights,
 gradients and AdamW states (the local shards); rank 0 writes them all to ``--out``. With N ranks and
@@ -15,6 +15,8 @@ import os
 import sys
 from pathlib import Path
 
+from labhelpers.paths import accelerate_config
+
 
 def local_bytes(tensors) -> int:
     """Bytes of this rank's part of each tensor (the local shard of a DTensor)."""
@@ -25,20 +27,21 @@ def local_bytes(tensors) -> int:
     return total
 
 
-CPU_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "accelerate" / "fsdp_cpu_2proc.yaml"
+CPU_CONFIG = accelerate_config("fsdp_cpu_2proc")
 
 
-def launch(num_processes: int, out: Path, config: Path = CPU_CONFIG, timeout_s: float = 300, **options) -> list[dict]:
-    """Run this demo in ``num_processes`` processes (1: plain Python, no sharding; more: ``accelerate
-    launch`` with ``config``) and return each rank's report. ``options``: ``steps``, ``batch_size``, ``seq_len``.
-    Raises RuntimeError with the launcher's output when the run fails."""
+def launch(num_processes: int, out: Path, profile: str = "ci", config: Path = CPU_CONFIG, timeout_s: float = 300,
+           **options) -> list[dict]:
+    """Run this demo on ``profile``'s base model in ``num_processes`` processes (1: plain Python, no
+    sharding; more: ``accelerate launch`` with ``config``) and return each rank's report. ``options``:
+    ``steps``, ``batch_size``, ``seq_len``. Raises RuntimeError with the launcher's output when the run fails."""
     import subprocess
 
     if num_processes < 1:
         raise ValueError(f"num_processes must be >= 1, got {num_processes}")
     out = Path(out)
     out.unlink(missing_ok=True)
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
+    flags = [f"--profile={profile}", *(f"--{k.replace('_', '-')}={v}" for k, v in options.items())]
     if num_processes == 1:
         command = [sys.executable, "-m", "labhelpers.fsdp_demo", "--out", str(out), *flags]
     else:
@@ -72,6 +75,7 @@ def main(argv=None) -> dict:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--profile", default="ci", help="whose base model to shard (a profile name)")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=64)
@@ -80,7 +84,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(1)  # two processes on two cores
     on_cpu = not torch.cuda.is_available()
     accelerator = Accelerator(cpu=on_cpu)
-    profile = profiles.get("ci")
+    profile = profiles.get(args.profile)
     model, _ = load_model(profile)
     model.config.use_cache = False
     sharded = accelerator.num_processes > 1 and os.environ.get("ACCELERATE_USE_FSDP", "false") == "true"
@@ -99,7 +103,7 @@ def main(argv=None) -> dict:
         optimizer.zero_grad()
         losses.append(float(loss.detach()))
     states = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
-    report = {"rank": accelerator.process_index, "world_size": accelerator.num_processes,
+    report = {"rank": accelerator.process_index, "world_size": accelerator.num_processes, "profile": profile.name,
               "distributed_type": str(accelerator.distributed_type), "fsdp": sharded, "weights": local_bytes(model.parameters()),
               "gradients": grads, "optimizer": local_bytes(states), "losses": losses}
     reports = [None] * accelerator.num_processes

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from labhelpers.paths import build_dir
+from labhelpers.units import to_mib
 
 
 def _peak_reset(device: str) -> None:
@@ -34,7 +35,7 @@ def _peak_mib(device: str) -> float | None:
 
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() / 2**20
+        return to_mib(torch.cuda.max_memory_allocated())
     return None
 
 
@@ -79,7 +80,7 @@ def lab4(profile) -> dict:
         model, optimizer = memory.setup_training(method, profile)
         measured = memory.measure_training_step(model, batch, optimizer)
         estimated = memory.estimate_for_profile(profile, method)
-        out[method] = {"peak_mib": measured.peak / 2**20, "estimate_over_measured": estimated.peak / measured.peak,
+        out[method] = {"peak_mib": to_mib(measured.peak), "estimate_over_measured": estimated.peak / measured.peak,
                        "sec_per_step": measured.details["seconds"]}
         del model, optimizer
     return out

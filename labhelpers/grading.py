@@ -23,6 +23,7 @@ from pathlib import Path
 
 from labhelpers.paths import REPO_ROOT
 from labhelpers.runner import discover, stderr_to
+from labhelpers.units import GiB
 
 
 def _memory_limit(gib: float | None):
@@ -33,7 +34,7 @@ def _memory_limit(gib: float | None):
     def apply() -> None:
         import resource
 
-        limit = int(gib * 2**30)
+        limit = int(gib * GiB)
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
     return apply

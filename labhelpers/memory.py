@@ -27,13 +27,12 @@ import time
 import warnings
 import weakref
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from labhelpers.paths import data_dir
+from labhelpers.units import GiB, MiB, to_mib
 
-GiB = 2**30
-MiB = 2**20
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 BASE_METHODS = ("full", "lora", "qlora")
 METHOD_OPTIONS = ("gc", "8bit")  # gradient checkpointing, 8-bit AdamW: "qlora+gc+8bit"
@@ -71,7 +70,7 @@ def measure_peak_memory(device: str = "cpu", interval_s: float = 0.005):
         start = torch.cuda.memory_allocated()
         yield result
         torch.cuda.synchronize()
-        result.peak_mib = (torch.cuda.max_memory_allocated() - start) / 2**20
+        result.peak_mib = to_mib(torch.cuda.max_memory_allocated() - start)
         return
     process = psutil.Process()
     baseline = process.memory_info().rss
@@ -91,7 +90,7 @@ def measure_peak_memory(device: str = "cpu", interval_s: float = 0.005):
         stop.set()
         sampler.join()
         peak[0] = max(peak[0], process.memory_info().rss)
-        result.peak_mib = (peak[0] - baseline) / 2**20
+        result.peak_mib = to_mib(peak[0] - baseline)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -903,9 +902,3 @@ def require_fits(model, method: "str | Method", batch_size: int, seq_len: int, d
         if issubclass(w.category, DoesNotFitWarning):
             raise DoesNotFitError(str(w.message))
     return est
-
-
-def as_dict(step: StepMemory) -> dict:
-    """A :class:`StepMemory` as a plain dict (with ``total``)."""
-    return {**asdict(step), "total": step.total}
-

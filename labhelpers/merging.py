@@ -51,6 +51,8 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
+from labhelpers.units import files_mib
+
 PARALLEL_THRESHOLD = 0.9995
 METHODS = ("linear", "task_arithmetic", "slerp", "ties", "dare")
 NEEDS_BASE = {"linear": False, "task_arithmetic": True, "slerp": False, "ties": True, "dare": True}
@@ -707,7 +709,7 @@ def mergekit_config(method: str, models: Sequence[str], base: str | None = None,
 
 
 def folder_size_mib(folder: str | Path) -> float:
-    return sum(f.stat().st_size for f in Path(folder).iterdir() if f.is_file()) / 2**20
+    return files_mib(Path(folder).iterdir())
 
 
 

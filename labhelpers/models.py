@@ -98,3 +98,8 @@ def count_parameters(model) -> dict[str, int]:
         total += n
         trainable += n if p.requires_grad else 0
     return {"trainable": trainable, "total": total}
+
+
+def unwrap_peft(model):
+    """The ``transformers`` model inside a ``peft`` model (``get_base_model()``), or ``model`` itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -22,6 +22,17 @@ def base_model_dir(size: str = "tiny") -> Path:
     return data_dir() / ("base-model" if size == "tiny" else f"base-model-{size}")
 
 
+def accelerate_config(name: str) -> Path:
+    """A shipped ``accelerate`` config, ``labhelpers/configs/accelerate/<name>.yaml`` (package data, so a
+    non-editable install has it too); an unknown name raises FileNotFoundError listing the shipped ones."""
+    folder = Path(__file__).resolve().parent / "configs" / "accelerate"
+    path = folder / f"{name}.yaml"
+    if not path.exists():
+        shipped = ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
+        raise FileNotFoundError(f"no accelerate config {name!r}; shipped: {shipped}")
+    return path
+
+
 def build_dir() -> Path:
     """Where ``make labs`` writes executed notebooks, figures and the results summary."""
     return Path(os.environ.get("SFTLABS_BUILD", REPO_ROOT / "build"))

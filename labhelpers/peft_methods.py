@@ -13,6 +13,7 @@ from typing import Callable
 from transformers import TrainerCallback
 
 from labhelpers.profiles import Profile
+from labhelpers.units import GiB, files_mib
 
 
 def _lora(profile: Profile, **overrides):
@@ -163,7 +164,7 @@ def saved_size_mib(model, adapter_only: bool) -> float:
             save_adapters(model, Path(tmp) / "adapters.safetensors")
         else:
             model.save_pretrained(tmp, safe_serialization=True)
-        return sum(p.stat().st_size for p in Path(tmp).rglob("*.safetensors")) / 2**20
+        return files_mib(Path(tmp).rglob("*.safetensors"))
 
 
 def compare_methods(methods: list[str], profile: Profile, task: str = "code", adapter_cls=None,
@@ -211,9 +212,6 @@ def compare_methods(methods: list[str], profile: Profile, task: str = "code", ad
     return (df, kept) if keep else df
 
 
-GIB = 2**30
-
-
 def estimate_training_gib(n_params: float, trainable_fraction: float, quantization: str | None) -> float:
     """Weights + gradients + optimizer states in GiB (activations are excluded: Lab 4 measures them).
 
@@ -225,7 +223,7 @@ def estimate_training_gib(n_params: float, trainable_fraction: float, quantizati
 
     trainable = round(n_params * trainable_fraction)
     weights = nf4_bytes(round(n_params)) if quantization == "nf4" else 2 * n_params
-    return (weights + 8 * trainable + adam_state_bytes([trainable], adam_8bit=False)) / GIB
+    return (weights + 8 * trainable + adam_state_bytes([trainable], adam_8bit=False)) / GiB
 
 
 def gpu_guidance(comparison, model_sizes_b=(0.5, 1.5, 7.0, 13.0), gpus_gib=(8, 12, 16, 24),
@@ -275,7 +273,7 @@ def save_reload_merge(peft_model, profile: Profile, folder) -> dict:
         merged = reloaded.merge_and_unload()
         after_merge = merged(input_ids=ids).logits
     return {"adapter_files": sorted(p.name for p in folder.iterdir()),
-            "adapter_mib": sum(p.stat().st_size for p in folder.glob("*.safetensors")) / 2**20,
+            "adapter_mib": files_mib(folder.glob("*.safetensors")),
             "reload_max_abs_diff": (after_reload - trained).abs().max().item(),
             "merge_max_abs_diff": (after_merge - trained).abs().max().item(),
             "merged_model": merged}

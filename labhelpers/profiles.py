@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, replace
 
+from labhelpers.units import GiB
+
 
 @dataclass(frozen=True)
 class Profile:
@@ -59,11 +61,6 @@ PROFILES: dict[str, Profile] = {
                   gradient_accumulation_steps=1, max_steps=300, learning_rate=3e-3, full_ft_learning_rate=1e-3,
                   lora_r=4, lora_alpha=16, lora_dropout=0.0, target_modules=_ATTN_MLP,
                   gradient_checkpointing=False, n_eval=100, eval_batch_size=100, fused_lm_head=False),
-    "cpu": Profile(name="cpu", base_model="tiny", large_model="tiny", sweep_models=("micro", "tiny"),
-                   device="cpu", dtype="float32", max_seq_length=160, batch_size=16,
-                   gradient_accumulation_steps=1, max_steps=800, learning_rate=3e-3, full_ft_learning_rate=1e-3,
-                   lora_r=4, lora_alpha=16, lora_dropout=0.0, target_modules=_ATTN_MLP,
-                   gradient_checkpointing=False, n_eval=None, eval_batch_size=100, fused_lm_head=False),
     "t4": Profile(name="t4", base_model="Qwen/Qwen2.5-Coder-0.5B-Instruct",
                   large_model="codellama/CodeLlama-7b-Instruct-hf",
                   sweep_models=("Qwen/Qwen2.5-Coder-0.5B-Instruct", "Qwen/Qwen2.5-Coder-1.5B-Instruct"),
@@ -79,6 +76,8 @@ PROFILES: dict[str, Profile] = {
                         full_ft_learning_rate=2e-5, lora_r=16, lora_alpha=32, lora_dropout=0.05,
                         target_modules=_ATTN_MLP, gradient_checkpointing=True, n_eval=200, eval_batch_size=64),
 }
+# ``cpu``: the ``ci`` settings with more steps and the whole evaluation splits (a student's laptop).
+PROFILES["cpu"] = PROFILES["ci"].with_(name="cpu", max_steps=800, n_eval=None)
 # ``smoke``: the fewest steps and examples that still execute every cell; used only where effects are
 # asserted elsewhere (the nbgrader round trip), never to show a lab's results.
 PROFILES["smoke"] = PROFILES["ci"].with_(name="smoke", max_steps=4, n_eval=8, eval_batch_size=8)
@@ -91,7 +90,7 @@ def auto_name() -> str:
 
     if not torch.cuda.is_available():
         return "cpu"
-    total_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
+    total_gib = torch.cuda.get_device_properties(0).total_memory / GiB
     return "gpu-24gb" if total_gib >= 20 else "t4"
 
 

@@ -169,7 +169,7 @@ def bnb_dequantize(packed: torch.Tensor, state) -> torch.Tensor:
     return F.dequantize_4bit(packed.reshape(-1, 1), state)
 
 
-def code_agreement(ours: torch.Tensor, theirs: torch.Tensor, code: torch.Tensor, tolerance: float = 1e-4) -> dict:
+def code_agreement(ours: torch.Tensor, theirs: torch.Tensor) -> dict:
     """Compare two code tensors from the same code book: the share that is identical, and whether
     every disagreement is a neighbouring level (``|i - j| == 1``)."""
     a, b = ours.reshape(-1).long(), theirs.reshape(-1).long()
@@ -297,7 +297,7 @@ def check_double_quantize(fn, seed: int = 0, min_identical: float = 0.99) -> Che
         if not torch.equal(dq.absmax2.float(), state.state2.absmax):
             failures.append(f"{x.numel()} values: second-level absmax differs")
             continue
-        agreement = code_agreement(dq.codes, state.absmax, None)
+        agreement = code_agreement(dq.codes, state.absmax)
         if agreement["identical"] < min_identical or not agreement["only_neighbours"]:
             failures.append(f"{x.numel()} values: codes {agreement['identical']:.2%} identical "
                             f"(neighbours only: {agreement['only_neighbours']})")

@@ -27,7 +27,7 @@ from transformers import PrinterCallback, TrainerCallback
 
 from labhelpers.data import sft_dataset
 from labhelpers.memory import measure_peak_memory
-from labhelpers.models import count_parameters
+from labhelpers.models import count_parameters, unwrap_peft
 from labhelpers.profiles import Profile
 
 
@@ -97,7 +97,7 @@ def sft_config(profile: Profile, dataset_format: str, output_dir: str, **overrid
         gradient_accumulation_steps=profile.gradient_accumulation_steps, learning_rate=profile.learning_rate,
         lr_scheduler_type="cosine", warmup_steps=max(1, profile.max_steps // 20), weight_decay=0.0,
         logging_steps=1, save_strategy="no", report_to="none", seed=profile.seed, data_seed=profile.seed,
-        max_length=profile.max_seq_length, gradient_checkpointing=profile.gradient_checkpointing,
+        max_length=profile.max_seq_length, activation_checkpointing=profile.gradient_checkpointing,
         use_cpu=profile.device == "cpu", bf16=profile.dtype == "bfloat16", fp16=profile.dtype == "float16",
         assistant_only_loss=dataset_format == "chat", completion_only_loss=dataset_format == "completion",
         dataset_text_field="text",
@@ -172,12 +172,11 @@ def supports_trained_positions_loss(model) -> bool:
     if config is not None:
         if str(getattr(config.peft_type, "value", config.peft_type)) not in LAYER_ONLY_PEFT_TYPES:
             return False
-        model = model.get_base_model()
-    return type(model).__name__ in PLAIN_HEAD_CAUSAL_LMS
+    return type(unwrap_peft(model)).__name__ in PLAIN_HEAD_CAUSAL_LMS
 
 
 def trained_positions_loss(model, inputs: dict, num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
-    """The causal-LM loss of ``model(**inputs)``, with the output layer applied only where a token is trained.
+    r"""The causal-LM loss of ``model(**inputs)``, with the output layer applied only where a token is trained.
 
     The model's own forward projects every position onto the vocabulary and then ignores the positions
     labelled -100 (the prompt and the padding); this runs the decoder, keeps the hidden states whose
@@ -193,7 +192,7 @@ def trained_positions_loss(model, inputs: dict, num_items_in_batch: torch.Tensor
     """
     import torch.nn.functional as F
 
-    base = model.get_base_model() if getattr(model, "active_peft_config", None) is not None else model
+    base = unwrap_peft(model)
     inputs = dict(inputs)
     labels = inputs.pop("labels")
     inputs["use_cache"] = False
@@ -313,8 +312,7 @@ def _heap_frozen(frozen: bool):
 def _drop_fused_head(model) -> None:
     """Undo TRL's fused-LM-head patch (an instance ``forward`` whose closure holds the *original* model's
     forward). Left in place, ``copy.deepcopy(model)`` would run the original's weights, not the copy's."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    base.__dict__.pop("forward", None)
+    unwrap_peft(model).__dict__.pop("forward", None)
 
 
 def train_sft(model, tokenizer, dataset, profile: Profile, peft_config=None, callbacks=(),
@@ -377,7 +375,7 @@ def warn_if_too_large(model, peft_config, profile: Profile, overrides: dict) -> 
 
     quantized = any(getattr(p, "quant_state", None) is not None for p in model.parameters())
     base = "full" if peft_config is None else ("qlora" if quantized else "lora")
-    gc = overrides.get("gradient_checkpointing", profile.gradient_checkpointing)
+    gc = overrides.get("activation_checkpointing", profile.gradient_checkpointing)
     method = base + ("+gc" if gc else "") + ("+8bit" if "8bit" in str(overrides.get("optim", "")) else "")
     check_fits(model, method, overrides.get("per_device_train_batch_size", profile.batch_size),
                overrides.get("max_length") or profile.max_seq_length, profile.device, profile.dtype,

@@ -101,7 +101,7 @@ def test_chat_rows_tokenized_here_equal_trl_preparation(task, base, tmp_path):
     rows = load_split(task, "train", 300).select_columns(["messages"])
     ours, fmt = data.sft_dataset(rows, tokenizer)
     args = SFTConfig(output_dir=str(tmp_path), assistant_only_loss=True, max_length=None, use_cpu=True,
-                     report_to="none", gradient_checkpointing=False)
+                     report_to="none", activation_checkpointing=False)
     theirs = SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer).train_dataset
     assert fmt == "tokenized" and len(ours) == len(theirs) == len(rows) > 100
     assert ours["input_ids"] == theirs["input_ids"]

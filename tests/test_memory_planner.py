@@ -1,13 +1,13 @@
 """Lab 4's memory accounting: the estimate agrees with the measurement, and the planner is sane."""
 
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 
 from labhelpers import memory
-from labhelpers.memory import MiB
+from labhelpers.units import MiB
+from labhelpers.paths import accelerate_config
 
 METHODS = ("full", "lora", "qlora", "full+gc", "lora+8bit", "qlora+gc+8bit")
 
@@ -142,7 +142,7 @@ def test_training_warns_before_a_run_that_cannot_fit(ci_profile, monkeypatch):
 def test_accelerate_configs_load():
     from accelerate.commands.config.config_args import load_config_from_file
 
-    folder = Path(__file__).resolve().parent.parent / "configs" / "accelerate"
+    folder = accelerate_config("fsdp").parent
     kinds = {p.stem: load_config_from_file(str(p)) for p in folder.glob("*.yaml")}
     assert {"fsdp", "fsdp_qlora", "deepspeed_zero2", "deepspeed_zero3", "fsdp_cpu_2proc"} <= set(kinds)
     assert kinds["deepspeed_zero2"].deepspeed_config["zero_stage"] == 2
@@ -155,9 +155,10 @@ def test_accelerate_configs_load():
 def test_fsdp_two_processes_each_hold_half(tmp_path):
     from labhelpers import fsdp_demo
 
-    single = fsdp_demo.launch(1, tmp_path / "one.json", steps=2)
+    single = fsdp_demo.launch(1, tmp_path / "one.json", profile="smoke", steps=2)  # same base model as ci
     ranks = fsdp_demo.launch(2, tmp_path / "two.json", steps=2)
     assert [r["rank"] for r in ranks] == [0, 1] and all(r["fsdp"] and r["world_size"] == 2 for r in ranks)
+    assert single[0]["profile"] == "smoke" and {r["profile"] for r in ranks} == {"ci"}  # the profile it is given
     whole = single[0]["weights"] + single[0]["gradients"] + single[0]["optimizer"]
     for r in ranks:
         share = (r["weights"] + r["gradients"] + r["optimizer"]) / whole

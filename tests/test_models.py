@@ -78,3 +78,15 @@ def test_loader_errors(ci_profile, tmp_path, monkeypatch):
 def test_count_parameters(base):
     counts = models.count_parameters(base[0])
     assert counts["total"] == sum(p.numel() for p in base[0].parameters())
+
+
+def test_unwrap_peft_returns_the_transformers_model(base):
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = base
+    assert models.unwrap_peft(model) is model
+    import copy
+
+    wrapped = get_peft_model(copy.deepcopy(model), LoraConfig(r=2, target_modules=["q_proj"]))
+    inner = models.unwrap_peft(wrapped)
+    assert type(inner).__name__ == type(model).__name__ and inner is wrapped.base_model.model

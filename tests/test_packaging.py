@@ -4,6 +4,8 @@ import re
 import tomllib
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -64,3 +66,39 @@ def test_bitsandbytes_hub_kernel_notice_is_dropped_and_other_warnings_pass(caplo
                        "offline")
         logger.warning("something else went wrong")
     assert [r.getMessage() for r in caplog.records] == ["something else went wrong"]
+
+
+def test_accelerate_configs_ship_inside_the_package(tmp_path):
+    # a non-editable install (Colab installs a wheel) must find them: build the wheel and look inside
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    from labhelpers.paths import accelerate_config
+
+    source = tmp_path / "source"  # a copy: building in place would write setuptools' build/ into ours
+    shutil.copytree(ROOT / "labhelpers", source / "labhelpers", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp_path), str(source)], check=True, capture_output=True)
+    names = zipfile.ZipFile(next(tmp_path.glob("labhelpers-*.whl"))).namelist()
+    for name in ("fsdp", "fsdp_qlora", "fsdp_cpu_2proc", "deepspeed_zero2", "deepspeed_zero3"):
+        assert f"labhelpers/configs/accelerate/{name}.yaml" in names, name
+        assert accelerate_config(name).exists()
+    with pytest.raises(FileNotFoundError, match="shipped: deepspeed_zero2"):
+        accelerate_config("zero9")
+
+
+def test_a_deprecation_raised_from_labhelpers_fails_the_suite():
+    # what pyproject's filterwarnings does: a library deprecating an API we call (stacklevel=2) is an error
+    import warnings
+
+    def deprecated_library_call() -> None:
+        warnings.warn("`old_name` is deprecated and will be removed in v6", FutureWarning, stacklevel=2)
+
+    namespace = {"__name__": "labhelpers.some_module", "call": deprecated_library_call}
+    with pytest.raises(FutureWarning, match="old_name"):
+        exec("call()", namespace)
+    exec("call()", {"__name__": "somebody_else", "call": deprecated_library_call})  # others only warn

@@ -13,9 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-SPLITS = ("train", "validation", "test")
-
-
 @dataclass(frozen=True)
 class Task:
     """A generated, automatically scored task.

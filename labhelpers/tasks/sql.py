@@ -144,12 +144,6 @@ def score(rows: Sequence[dict], completions: Sequence[str]) -> list[bool]:
     return verdicts
 
 
-def is_valid_sql(completion: str) -> bool:
-    """Format adherence: the completion is one executable query with nothing after it."""
-    text = completion.strip()
-    return run_query(text) is not None and text.count(";") == 1 and text.endswith(";")
-
-
 TASK = Task(name="sql", format="chat", generate=generate, score=score, max_new_tokens=48)
 
 

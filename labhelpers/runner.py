@@ -6,7 +6,7 @@ also saved as ``<out>/<lab>/figures/fig-NN.png``. After each lab, ``<out>/summar
 ``<out>/report.html`` are rewritten with every lab finished so far, so a late failure loses nothing.
 A lab that fails is reported (which cell, the error) and the next lab still runs; the exit status is
 0 only when every lab passed. The kernel's own log goes to ``<out>/<lab>/kernel.log``, shown only
-when the lab fails.
+when a lab fails without a cell error (a kernel that died or hung says why only there).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import argparse
 import contextlib
 import json
 import os
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -61,17 +60,14 @@ def discover(source: Path | None = None) -> list[Path]:
     return sorted(p for p in source.glob("*/*.ipynb") if p.stem == p.parent.name)
 
 
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-
-
 def failure_from(error: BaseException) -> LabFailure:
     """A :class:`LabFailure` from what papermill raised (a cell's error) or from any other exception
     (a dead kernel, a cell past its time limit)."""
-    from papermill.exceptions import PapermillExecutionError
+    from papermill.exceptions import PapermillExecutionError, strip_color
 
     if isinstance(error, PapermillExecutionError):
         first = next((line.strip() for line in str(error.source).splitlines() if line.strip()), "")
-        trace = _ANSI.sub("", "\n".join(error.traceback or []))
+        trace = strip_color("\n".join(error.traceback or []))
         return LabFailure(error.exec_count, first[:120], f"{error.ename}: {error.evalue}", trace)
     return LabFailure(None, "", f"{type(error).__name__}: {error}")
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Iterator
 
 from labhelpers.paths import REPO_ROOT, build_dir
+from labhelpers.results import load_metrics, write_atomic
 
 KERNEL = "sftlabs"
 
@@ -97,8 +98,6 @@ def run_lab(notebook: Path, out: Path, profile: str, kernel: str = KERNEL, timeo
     (error included) and whatever metrics the lab saved before it. Metrics of an earlier run are
     removed first, so every number in the result comes from this run."""
     import papermill
-
-    from labhelpers.results import load_metrics
 
     lab = Path(notebook).stem
     out = Path(out).resolve()  # the kernel runs inside out/<lab>: a relative path would point elsewhere
@@ -198,14 +197,8 @@ def write_summary(runs: list[LabRun], out: Path, profile: str) -> Path:
             lines += ["- no metrics were recorded"]
         lines.append("")
     path = out / "summary.md"
-    _write_atomic(path, "\n".join(lines))
+    write_atomic(path, "\n".join(lines))
     return path
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 REPORT_PACKAGES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "datasets", "accelerate", "nbgrader")
@@ -278,7 +271,7 @@ def write_report(runs: list[LabRun], out: Path, profile: str) -> Path:
                   *[f"<img src='{f.relative_to(out)}' alt='{run.lab} figure {i}'>" for i, f in enumerate(figures, 1)]]
     parts.append("</body></html>")
     path = out / "report.html"
-    _write_atomic(path, "\n".join(parts))
+    write_atomic(path, "\n".join(parts))
     return path
 
 

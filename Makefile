@@ -59,40 +59,40 @@ data: setup
 	$(PY) -m labhelpers.tasks
 
 base-model: data
-	$(PY) -m labhelpers.pretrain --size $(SIZE) $(if $(STEPS),--steps $(STEPS))
+	$(PY) -m labhelpers.course.pretrain --size $(SIZE) $(if $(STEPS),--steps $(STEPS))
 
 labs: setup
-	$(PY) -m labhelpers.runner --profile $(PROFILE) --out build
+	$(PY) -m labhelpers.course.runner --profile $(PROFILE) --out build
 
 test: setup $(CHROMIUM)
 	$(PY) -m pytest -q
 
 bench: setup
-	$(PY) -m labhelpers.bench --out build $(if $(QUICK),--quick --repeats 1)
+	$(PY) -m labhelpers.course.bench --out build $(if $(QUICK),--quick --repeats 1)
 
 bench-notebooks: setup
-	$(PY) -m labhelpers.bench --only notebooks --run-notebooks $(NOTEBOOK_PROFILES) --out build
+	$(PY) -m labhelpers.course.bench --only notebooks --run-notebooks $(NOTEBOOK_PROFILES) --out build
 
 gpu-smoke: setup
-	$(PY) -m labhelpers.gpu_smoke --out build/gpu-smoke.json $(if $(DRY_RUN),--dry-run)
+	$(PY) -m labhelpers.course.gpu_smoke --out build/gpu-smoke.json $(if $(DRY_RUN),--dry-run)
 
 release: setup
-	$(PY) -m labhelpers.grading release
+	$(PY) -m labhelpers.course.grading release
 
 jupyter: setup
 	$(VENV)/bin/jupyter lab --notebook-dir=labs $(JUPYTER_ARGS)
 
 check: setup
-	$(PY) -m labhelpers.grading check $(LAB)
+	$(PY) -m labhelpers.course.grading check $(LAB)
 
 autograde: setup
-	$(PY) -m labhelpers.grading autograde $(LAB)
+	$(PY) -m labhelpers.course.grading autograde $(LAB)
 
 feedback: setup
-	$(PY) -m labhelpers.grading feedback $(LAB)
+	$(PY) -m labhelpers.course.grading feedback $(LAB)
 
 grades: setup
-	$(PY) -m labhelpers.grading export
+	$(PY) -m labhelpers.course.grading export
 
 clean:
 	rm -rf build autograded feedback gradebook.db .pytest_cache

@@ -3,10 +3,10 @@
 Notebooks stay thin and call into this package; every module here is tested by pytest on its own.
 """
 
-__version__ = "0.1.0"
-
 import logging as _logging
 import warnings as _warnings
+
+__version__ = "0.1.0"
 
 # transformers 5 announces renames for v6 (gradient_checkpointing -> activation_checkpointing) from
 # inside peft and TRL, where we cannot act on them. They go to stderr, and nbgrader scores a graded

@@ -31,9 +31,11 @@ import torch
 
 from labhelpers.data import tokenize_rows
 from labhelpers.evaluation import evaluate_task, perplexity, task_scores, token_blocks
+from labhelpers.models import count_parameters, load_model
 from labhelpers.paths import data_dir
+from labhelpers.peft_methods import peft_config
 from labhelpers.profiles import Profile
-from labhelpers.tasks import load_split, read_jsonl, task_rows  # noqa: F401  (task_rows: used by the lab)
+from labhelpers.tasks import load_split, read_jsonl, sql, task_rows  # noqa: F401  (task_rows: used by the lab)
 from labhelpers.training import fine_tune  # noqa: F401  (re-exported: the lab calls continual.fine_tune)
 
 GENERAL_TASK = "arithmetic"  # the skill the base has before any lab: the forgetting probe
@@ -56,8 +58,6 @@ def domain_texts(queries_per_document: int = 8, seed: int = 0) -> list[str]:
     as INSERT statements, and query logs (the train split's queries, grouped into documents). No
     question/answer pairs, so nothing here is instruction data.
     """
-    from labhelpers.tasks import sql
-
     dump = sql.database_sql().splitlines()
     docs = ["\n".join(dump[i:i + 12]) for i in range(0, len(dump), 12)]
     queries = sorted({row["gold_sql"] for row in load_split(DOMAIN_TASK, "train")})
@@ -101,8 +101,6 @@ def general_scores(model, tokenizer, profile: Profile, n_texts: int = 200) -> di
 
 def domain_scores(model, tokenizer, profile: Profile) -> tuple[dict[str, float], pd.DataFrame]:
     """SQL execution accuracy and format adherence, plus the per-example frame."""
-    from labhelpers.tasks import sql
-
     df = evaluate_task(model, tokenizer, DOMAIN_TASK, "test", profile.n_eval, profile.eval_batch_size)
     quality = sql.format_report(df["completion"])
     df = pd.concat([df, quality], axis=1)
@@ -249,8 +247,6 @@ def continual_sequence(tasks: Sequence[str], profile: Profile, steps: int, repla
     task, each entry the test score measured right after that stage. With ``replay_fraction`` > 0,
     each stage mixes that fraction of examples from the earlier tasks' training data (replay).
     """
-    from labhelpers.models import load_model
-
     model, tokenizer = load_model(profile)
     matrix = {"base": {t: task_score(model, tokenizer, t, profile) for t in tasks}}
     seen: list[dict] = []
@@ -295,8 +291,6 @@ def lora_sweep(models: Iterable[str], learning_rates: Iterable[float], ranks: It
     Columns: ``model``, ``params`` (base size), ``learning_rate``, ``r``, ``score``, ``final_loss``,
     ``train_seconds``.
     """
-    from labhelpers.models import count_parameters, load_model
-    from labhelpers.peft_methods import peft_config
 
     rows = task_rows(task, "train")
     ratio = profile.lora_alpha / profile.lora_r

@@ -19,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable
 
+import pandas as pd
+
 from labhelpers.chat import require_chat_template, validate_messages
 
 IGNORE_INDEX = -100
@@ -192,8 +194,6 @@ class LabelCheck:
 def check_assistant_labels(labels_fn, tokenizer, conversations: list[list[dict]]) -> LabelCheck:
     """Compare ``labels_fn(messages, tokenizer)`` with the labels the tokenizer's own assistant mask
     gives (``return_assistant_tokens_mask`` through :func:`tokenize_chat`), token by token."""
-    import pandas as pd
-
     records = []
     for i, messages in enumerate(conversations):
         expected = tokenize_chat(messages, tokenizer, max_length=10**6)["labels"]

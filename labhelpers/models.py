@@ -5,22 +5,26 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from labhelpers.paths import base_model_dir
 from labhelpers.profiles import Profile
 
 QUANTIZATIONS = ("nf4", "int8")
+MODEL_SIZES = {  # shipped bases (built by labhelpers.course.pretrain): LlamaConfig fields by size
+    "micro": dict(hidden_size=96, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256),
+    "tiny": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=384),
+    "small": dict(hidden_size=192, num_hidden_layers=6, num_attention_heads=6, intermediate_size=512),
+}
 
 
 def model_source(name: str) -> str:
     """A local folder for a shipped size (``tiny``, ``small``) or an existing path, else the hub id."""
-    from labhelpers.pretrain import MODEL_SIZES
-
     if name in MODEL_SIZES:
         path = base_model_dir(name)
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"shipped base model {name!r} is missing at {path}; run "
-                                    f"`make base-model` (or `python -m labhelpers.pretrain --size {name}`)")
+                                    f"`make base-model` (or `python -m labhelpers.course.pretrain --size {name}`)")
         return str(path)
     return name
 
@@ -46,8 +50,6 @@ def require_safetensors(folder: str | Path) -> None:
 
 def quantization_config(quantization: str | None, compute_dtype: torch.dtype):
     """``BitsAndBytesConfig`` for ``nf4`` (4-bit NF4 with double quantization, as in QLoRA) or ``int8``."""
-    from transformers import BitsAndBytesConfig
-
     if quantization is None:
         return None
     if quantization == "nf4":
@@ -60,8 +62,6 @@ def quantization_config(quantization: str | None, compute_dtype: torch.dtype):
 
 def load_tokenizer(profile: Profile, name: str | None = None):
     """The tokenizer of ``name`` (default: the profile's base model), left-padded, with a pad token."""
-    from transformers import AutoTokenizer
-
     source = model_source(name or profile.base_model)
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=Path(source).exists())
     if tokenizer.pad_token is None:
@@ -75,8 +75,6 @@ def load_model(profile: Profile, name: str | None = None, quantization: str | No
 
     ``quantization`` is None, ``"nf4"`` or ``"int8"`` (bitsandbytes; works on CPU too).
     """
-    from transformers import AutoModelForCausalLM
-
     source = model_source(name or profile.base_model)
     require_safetensors(source)
     dtype = getattr(torch, profile.dtype)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Mapping
 
 import matplotlib.pyplot as plt
@@ -42,8 +43,6 @@ def bars(df: pd.DataFrame, x: str, y: str, title: str, ylabel: str, color: str |
 
 def save(fig, path) -> None:
     """Save a figure as PNG (parents created)."""
-    from pathlib import Path
-
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, bbox_inches="tight")
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, replace
 
+import torch
+
 from labhelpers.units import GiB
 
 
@@ -86,8 +88,6 @@ NAMES = (*PROFILES, "auto")
 
 def auto_name() -> str:
     """The profile ``auto`` resolves to on this machine."""
-    import torch
-
     if not torch.cuda.is_available():
         return "cpu"
     total_gib = torch.cuda.get_device_properties(0).total_memory / GiB

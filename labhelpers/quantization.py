@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import pandas as pd
 import torch
 
 # The 16 NF4 levels exactly as bitsandbytes stores them (float32), ascending; index 7 is exactly 0.
@@ -190,7 +191,6 @@ def storage_report(weight: torch.Tensor, blocksize: int = 64):
     after dequantizing: relative RMS error ``||w - ŵ|| / ||w||`` and the largest absolute error.
     """
     import bitsandbytes.functional as F
-    import pandas as pd
 
     w = weight.detach().float()
     if w.dim() != 2:

@@ -9,8 +9,10 @@ Conversational rows train on assistant tokens only (tokenized here with their as
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import gc
+import json
 import os
 import shutil
 import statistics
@@ -23,12 +25,18 @@ from typing import Callable
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
-from transformers import PrinterCallback, TrainerCallback
+from transformers import PrinterCallback, Trainer, TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
-from labhelpers.data import sft_dataset
-from labhelpers.memory import measure_peak_memory
-from labhelpers.models import count_parameters, unwrap_peft
+from labhelpers import profiles
+from labhelpers.data import FORMAT_COLUMNS, row_format, sft_dataset, tokenize_rows
+from labhelpers.memory import check_fits, measure_peak_memory
+from labhelpers.models import count_parameters, load_model, unwrap_peft
+from labhelpers.peft_methods import callbacks_for
+from labhelpers.peft_methods import peft_config as make_peft_config
 from labhelpers.profiles import Profile
+from labhelpers.trainer_speedups import LengthGroupedBatches, supports_trained_positions_loss, trained_positions_loss
+from labhelpers.tasks import task_rows
 
 
 @dataclass
@@ -107,105 +115,6 @@ def sft_config(profile: Profile, dataset_format: str, output_dir: str, **overrid
     return SFTConfig(**fields)
 
 
-class LengthGroupedBatches(torch.utils.data.Sampler):
-    """Row indices, a batch at a time, for batches of rows of similar length, in random order.
-
-    Each epoch: a random permutation of the rows is cut into groups of ``group`` batches, each group
-    is sorted by length and cut into batches, and the batches are shuffled across the whole epoch
-    (the one short batch, if any, comes last so that the data loader's batches stay aligned). Every
-    row is seen once per epoch, as with random sampling, but a batch is padded to less than random
-    batches are. Padded tokens per real token on the ``code`` / ``sql`` tasks (batch 16): random 1.20 /
-    1.23; ``group=2`` 1.11 / 1.11; ``group=4`` 1.05 / 1.06; ``group=50`` (transformers' megabatches)
-    1.01 / 1.00. Unlike transformers' ``LengthGroupedSampler``, the batches of a group are not served
-    longest to shortest, which would give every run a length curriculum. The order depends only on
-    ``seed`` and the epoch, so a resumed run sees the batches an uninterrupted one would.
-
-    Every profile uses ``group=4`` (``Profile.length_group``). Large groups change what training
-    reaches: a batch then holds rows of one length band, on the SQL task mostly one kind of query.
-    Measured on Lab 2's LoRA sweep of the micro model on SQL (100 steps, 6 settings): best execution
-    accuracy 0.72 with random batches, 0.70 with ``group=4``, 0.17 with ``group=50``. ``make bench``
-    measures the speed it buys.
-    """
-
-    def __init__(self, lengths: list[int], batch_size: int, seed: int, group: int = 4) -> None:
-        self.lengths, self.batch_size, self.seed, self.group, self.epoch = list(lengths), batch_size, seed, group, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def batches(self) -> list[list[int]]:
-        """This epoch's batches, in the order they are served."""
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        perm = torch.randperm(len(self.lengths), generator=g).tolist()
-        size = self.batch_size * self.group
-        full, short = [], []
-        for start in range(0, len(perm), size):
-            rows = sorted(perm[start:start + size], key=lambda i: -self.lengths[i])
-            for k in range(0, len(rows), self.batch_size):
-                batch = rows[k:k + self.batch_size]
-                (full if len(batch) == self.batch_size else short).append(batch)
-        return [full[i] for i in torch.randperm(len(full), generator=g).tolist()] + short
-
-    def __iter__(self):
-        for batch in self.batches():
-            yield from batch
-
-
-# Causal LMs whose forward is ``lm_head(decoder(...).last_hidden_state)`` followed by transformers'
-# causal-LM cross-entropy (no logit scaling or soft-capping), so the head can be applied to a subset of positions.
-PLAIN_HEAD_CAUSAL_LMS = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"})
-
-
-# peft methods whose adapters live inside the layers and whose forward adds nothing to the loss
-# (AdaLoRA adds an orthogonality penalty in its forward; prompt learning changes the inputs).
-LAYER_ONLY_PEFT_TYPES = frozenset({"LORA", "IA3"})
-
-
-def supports_trained_positions_loss(model) -> bool:
-    """Whether :func:`trained_positions_loss` computes ``model``'s own loss: a causal LM in
-    :data:`PLAIN_HEAD_CAUSAL_LMS`, bare or inside a ``peft`` model of a :data:`LAYER_ONLY_PEFT_TYPES`
-    method (LoRA, DoRA, QLoRA, IA3)."""
-    config = getattr(model, "active_peft_config", None)
-    if config is not None:
-        if str(getattr(config.peft_type, "value", config.peft_type)) not in LAYER_ONLY_PEFT_TYPES:
-            return False
-    return type(unwrap_peft(model)).__name__ in PLAIN_HEAD_CAUSAL_LMS
-
-
-def trained_positions_loss(model, inputs: dict, num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
-    r"""The causal-LM loss of ``model(**inputs)``, with the output layer applied only where a token is trained.
-
-    The model's own forward projects every position onto the vocabulary and then ignores the positions
-    labelled -100 (the prompt and the padding); this runs the decoder, keeps the hidden states whose
-    next-token label is trained, and applies the head and the cross-entropy to those alone:
-
-    .. math:: \mathcal{L} = \frac{1}{N}\sum_{t:\,y_{t+1} \neq -100} -\log \operatorname{softmax}(W h_t)_{y_{t+1}}
-
-    with :math:`N` = ``num_items_in_batch`` (the trained tokens of the whole accumulated batch, as
-    transformers' loss divides by it) or, when None, the trained tokens of this batch. Equal to the
-    model's loss in value and gradients (tested); on the ``code`` task, where 45% of the real tokens
-    are trained, a training step is about 7% faster on CPU (``make bench``). ``model`` must pass
-    :func:`supports_trained_positions_loss`.
-    """
-    import torch.nn.functional as F
-
-    base = unwrap_peft(model)
-    inputs = dict(inputs)
-    labels = inputs.pop("labels")
-    inputs["use_cache"] = False
-    hidden = base.get_decoder()(**inputs).last_hidden_state
-    targets = labels[:, 1:]
-    trained = targets != -100
-    logits = base.get_output_embeddings()(hidden[:, :-1][trained]).float()
-    if num_items_in_batch is None:
-        return F.cross_entropy(logits, targets[trained])
-    loss = F.cross_entropy(logits, targets[trained], reduction="sum")
-    return loss / (num_items_in_batch.to(loss.device) if torch.is_tensor(num_items_in_batch) else num_items_in_batch)
-
-
 def trainer_class(loss_penalty: Callable[[torch.nn.Module], torch.Tensor] | None = None, fused_lm_head: bool = True,
                   length_group: int = 0):
     """The ``SFTTrainer`` subclass every run uses.
@@ -225,7 +134,6 @@ def trainer_class(loss_penalty: Callable[[torch.nn.Module], torch.Tensor] | None
       ``resume`` to trip on (``transformers`` itself writes in place).
     * With ``loss_penalty``, the training loss is the task loss plus ``loss_penalty(model)``.
     """
-    from transformers import Trainer
     from trl import SFTTrainer
 
     class SFTLabsTrainer(SFTTrainer):
@@ -266,8 +174,6 @@ def trainer_class(loss_penalty: Callable[[torch.nn.Module], torch.Tensor] | None
                 os.replace(folder, target)
             shutil.rmtree(staging, ignore_errors=True)
             if self.args.should_save:
-                from transformers.trainer_utils import rotate_checkpoints
-
                 rotate_checkpoints(output_dir=str(final), save_total_limit=self.args.save_total_limit,
                                    best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
 
@@ -333,10 +239,6 @@ def train_sft(model, tokenizer, dataset, profile: Profile, peft_config=None, cal
             so an interrupted run ends where an uninterrupted one would.
         overrides: ``SFTConfig`` fields to change for this run, e.g. ``max_steps=50``.
     """
-    from transformers.trainer_utils import get_last_checkpoint
-
-    from labhelpers.peft_methods import callbacks_for
-
     train_dataset, fmt = sft_dataset(dataset, tokenizer)
     recorder = _Recorder(desc="fine-tune" if peft_config is None else f"fine-tune ({type(peft_config).__name__})")
     if checkpoint_dir is not None:
@@ -371,8 +273,6 @@ def train_sft(model, tokenizer, dataset, profile: Profile, peft_config=None, cal
 def warn_if_too_large(model, peft_config, profile: Profile, overrides: dict) -> None:
     """Before training: estimate the run's peak memory (:func:`labhelpers.memory.check_fits`) and warn
     with a :class:`~labhelpers.memory.DoesNotFitWarning` if the device cannot hold it."""
-    from labhelpers.memory import check_fits
-
     quantized = any(getattr(p, "quant_state", None) is not None for p in model.parameters())
     base = "full" if peft_config is None else ("qlora" if quantized else "lora")
     gc = overrides.get("activation_checkpointing", profile.gradient_checkpointing)
@@ -395,8 +295,6 @@ def fine_tune(model, tokenizer, rows, profile: Profile, steps: int, learning_rat
     """
     from datasets import Dataset
 
-    from labhelpers.data import FORMAT_COLUMNS, row_format, tokenize_rows
-
     if isinstance(rows, Dataset):
         dataset = rows
     else:
@@ -415,13 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m labhelpers.training --task code --steps 40 --save-steps 10 --out DIR``: a resumable
     run of the profile's base model (full fine-tuning, or ``--method lora``); run it again after an
     interruption and it continues from the last checkpoint. Writes ``DIR/result.json``."""
-    import argparse
-    import json
 
-    from labhelpers import profiles
-    from labhelpers.models import load_model
-    from labhelpers.peft_methods import peft_config as make_peft_config
-    from labhelpers.tasks import task_rows
 
     parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
     parser.add_argument("--task", default="code")

@@ -1,7 +1,7 @@
 """`make bench` and `make gpu-smoke`: their end-to-end runs through make (quick sizes / --dry-run on the
 CPU) are in tests/test_make_targets.py. No timing is asserted: the benchmark itself prints the ratios."""
 
-from labhelpers import gpu_smoke
+from labhelpers.course import gpu_smoke
 
 
 def test_gpu_smoke_refuses_to_run_without_cuda_unless_dry(tmp_path, capsys, monkeypatch):

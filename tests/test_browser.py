@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from labhelpers.paths import REPO_ROOT, build_dir
-from labhelpers.runner import discover
+from labhelpers.course.runner import discover
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 LABS = discover(REPO_ROOT / "labs")

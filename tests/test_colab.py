@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from labhelpers import colab
+from labhelpers.course import colab
 from labhelpers.paths import REPO_ROOT
-from labhelpers.runner import discover
+from labhelpers.course.runner import discover
 
 LABS = discover(REPO_ROOT / "labs")
 

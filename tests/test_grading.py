@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from labhelpers import grading
+from labhelpers.course import grading
 from labhelpers.paths import REPO_ROOT
-from labhelpers.runner import discover
+from labhelpers.course.runner import discover
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SOLUTION_LABS = [p.stem for p in discover(REPO_ROOT / "solutions")]

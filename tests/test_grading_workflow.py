@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from labhelpers import grading
+from labhelpers.course import grading
 
 FIXTURES = Path(__file__).parent / "fixtures"
 LAB = "demo_lab"

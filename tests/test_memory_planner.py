@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from labhelpers import memory
+from labhelpers.labs import lab4
 from labhelpers.units import MiB
 from labhelpers.paths import accelerate_config
 
@@ -14,7 +15,7 @@ METHODS = ("full", "lora", "qlora", "full+gc", "lora+8bit", "qlora+gc+8bit")
 
 @pytest.fixture(scope="module")
 def grid(ci_profile):
-    return memory.breakdown_grid(ci_profile, methods=METHODS, batch_sizes=(2, 16), seq_lens=(32, 160))
+    return lab4.breakdown_grid(ci_profile, methods=METHODS, batch_sizes=(2, 16), seq_lens=(32, 160))
 
 
 def test_estimate_agrees_with_measurement_within_10_percent(grid):
@@ -28,7 +29,7 @@ def test_estimate_agrees_with_measurement_within_10_percent(grid):
 
 
 def test_gradient_checkpointing_cuts_activations_at_least_2x(ci_profile):
-    sweep = memory.checkpointing_sweep(ci_profile, seq_lens=(64, 160), batch_size=8, steps=2)
+    sweep = lab4.checkpointing_sweep(ci_profile, seq_lens=(64, 160), batch_size=8, steps=2)
     acts = sweep.pivot(index="seq_len", columns="checkpointing", values="activations (MiB)")
     assert (acts[False] / acts[True] >= 2).all(), acts
 
@@ -38,7 +39,7 @@ def test_qlora_peak_below_lora_below_full(ci_profile):
     batch = memory.make_batch(arch.vocab, ci_profile.batch_size, ci_profile.max_seq_length)
     peaks = {}
     for method in ("full", "lora", "qlora"):
-        model, optimizer = memory.setup_training(method, ci_profile)
+        model, optimizer = lab4.setup_training(method, ci_profile)
         peaks[method] = memory.measure_training_step(model, batch, optimizer).peak
     assert peaks["qlora"] < peaks["lora"] < peaks["full"], peaks
 
@@ -56,7 +57,7 @@ def test_saved_activations_skip_parameters_and_count_storages_once():
 
 
 def test_accumulation_and_autocast_shrink_activations(ci_profile):
-    table = memory.accumulation_table(ci_profile, effective_batch=8, micro_batches=(8, 2), seq_len=64,
+    table = lab4.accumulation_table(ci_profile, effective_batch=8, micro_batches=(8, 2), seq_len=64,
                                       precisions=(None, "bfloat16"))
     fp32 = table[table["precision"] == "float32"].set_index("micro-batch")
     bf16 = table[table["precision"] == "bfloat16"].set_index("micro-batch")
@@ -66,7 +67,7 @@ def test_accumulation_and_autocast_shrink_activations(ci_profile):
 
 
 def test_eight_bit_adam_states_are_about_a_quarter(ci_profile):
-    table = memory.optimizer_memory(ci_profile, optimizers=("adamw_torch", "adamw_bnb_8bit"), batch_size=2, seq_len=32)
+    table = lab4.optimizer_memory(ci_profile, optimizers=("adamw_torch", "adamw_bnb_8bit"), batch_size=2, seq_len=32)
     states = table.set_index("optimizer")["bytes per trainable parameter"]
     assert states["adamw_torch"] == pytest.approx(8, abs=0.01) and 2 <= states["adamw_bnb_8bit"] < 2.2
 
@@ -134,7 +135,7 @@ def test_training_warns_before_a_run_that_cannot_fit(ci_profile, monkeypatch):
     from labhelpers.training import fine_tune
 
     model, tokenizer = load_model(ci_profile)
-    monkeypatch.setattr(memory, "available_bytes", lambda device: 1 * MiB)
+    monkeypatch.setattr(memory.planner, "available_bytes", lambda device: 1 * MiB)
     with pytest.warns(memory.DoesNotFitWarning, match="will not fit"):
         fine_tune(model, tokenizer, task_rows("code", "train", 8), ci_profile, steps=1)
 
@@ -153,7 +154,7 @@ def test_accelerate_configs_load():
 
 @pytest.mark.slow
 def test_fsdp_two_processes_each_hold_half(tmp_path):
-    from labhelpers import fsdp_demo
+    from labhelpers.labs import fsdp_demo
 
     single = fsdp_demo.launch(1, tmp_path / "one.json", profile="smoke", steps=2)  # same base model as ci
     ranks = fsdp_demo.launch(2, tmp_path / "two.json", steps=2)
@@ -172,9 +173,9 @@ def test_make_optimizer_builds_each_named_class_and_rejects_others():
 
     expected = {"adamw_torch": torch.optim.AdamW, "adamw_bnb_8bit": bnb.optim.AdamW8bit,
                 "paged_adamw_8bit": bnb.optim.PagedAdamW8bit, "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}
-    assert set(memory.OPTIMIZERS) == set(expected)
+    assert set(lab4.OPTIMIZERS) == set(expected)
     for name, cls in expected.items():
-        optimizer = memory.make_optimizer(name, [torch.nn.Parameter(torch.zeros(64, 64))], lr=1e-3)
+        optimizer = lab4.make_optimizer(name, [torch.nn.Parameter(torch.zeros(64, 64))], lr=1e-3)
         assert type(optimizer) is cls and optimizer.param_groups[0]["lr"] == 1e-3
     with pytest.raises(ValueError, match="unknown optimizer 'sgd'; valid: adamw_torch"):
-        memory.make_optimizer("sgd", [torch.nn.Parameter(torch.zeros(2))])
+        lab4.make_optimizer("sgd", [torch.nn.Parameter(torch.zeros(2))])

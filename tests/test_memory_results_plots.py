@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from labhelpers import plots, results, runner
+from labhelpers import plots, results
+from labhelpers.course import runner
 from labhelpers.memory import measure_peak_memory
 
 

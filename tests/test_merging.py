@@ -132,7 +132,7 @@ def experts(tmp_path_factory):
 def test_streamed_merge_equals_the_in_memory_merge(experts, tmp_path, method, knobs, chunk, monkeypatch):
     root, states, base_state = experts
     if chunk:  # every matrix of the tiny model is then read, merged and written in pieces
-        monkeypatch.setattr(merging, "CHUNK_ELEMENTS", chunk)
+        monkeypatch.setattr(merging.stream, "CHUNK_ELEMENTS", chunk)
     base = base_model_dir("tiny") if merging.NEEDS_BASE[method] else None
     report = merging.merge_checkpoints([root / "a", root / "b"], tmp_path / "m", method, base=base, **knobs)
     merged = load_file(tmp_path / "m" / "model.safetensors")
@@ -211,7 +211,7 @@ def test_kth_largest_equals_kthvalue_without_a_copy():
 def test_merge_streams_by_chunks(tmp_path, monkeypatch):
     # three 512 MiB checkpoints (8 tensors of 64 MiB): loading them whole would take 1.5 GiB; merged in
     # chunks of 1 MiB, the merge holds a few chunks (TIES also one 64 MiB buffer of magnitudes)
-    monkeypatch.setattr(merging, "CHUNK_ELEMENTS", 2**18)
+    monkeypatch.setattr(merging.stream, "CHUNK_ELEMENTS", 2**18)
     n_tensors, numel = 8, 16 * 2**20
     one_tensor_mib = numel * 4 / 2**20
     folders = []

@@ -13,7 +13,7 @@ from typing import Callable
 import pytest
 
 from labhelpers.paths import REPO_ROOT
-from labhelpers.runner import discover, run_lab
+from labhelpers.course.runner import discover, run_lab
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -121,7 +121,7 @@ def test_notebook_conventions(notebook):
 
 @pytest.mark.slow
 def test_report_shows_each_lab_with_its_environment(tmp_path):
-    from labhelpers.runner import write_report
+    from labhelpers.course.runner import write_report
 
     run = run_lab(FIXTURES / "demo_lab" / "demo_lab.ipynb", tmp_path, profile="ci")
     report = write_report([run], tmp_path, "ci").read_text()

@@ -58,7 +58,7 @@ def test_bottleneck_needs_the_adapter_class(ci_profile):
 
 @pytest.mark.slow
 def test_compare_methods_measures_every_column(ci_profile):
-    from labhelpers.peft_methods import compare_methods
+    from labhelpers.labs.lab1 import compare_methods
     from reference_solutions import BottleneckAdapter
 
     profile = ci_profile.with_(max_steps=3, n_eval=8, eval_batch_size=8)
@@ -75,18 +75,19 @@ def test_compare_methods_measures_every_column(ci_profile):
 def test_training_memory_guidance_uses_lab4_bytes_and_picks_the_best_method_that_fits():
     import pandas as pd
 
-    from labhelpers import memory, peft_methods
+    from labhelpers import memory
+    from labhelpers.labs import lab1
 
     n = 7e9
-    full = peft_methods.estimate_training_gib(n, 1.0, None)
+    full = lab1.estimate_training_gib(n, 1.0, None)
     assert full == pytest.approx(n * (2 + 16) / 2**30, rel=1e-6)  # bf16 weights + fp32 copy, gradient, 2 moments
-    qlora = peft_methods.estimate_training_gib(n, 0.005, "nf4")
+    qlora = lab1.estimate_training_gib(n, 0.005, "nf4")
     assert qlora == pytest.approx((memory.nf4_bytes(int(n)) + 16 * n * 0.005) / 2**30, rel=1e-6)
     assert 0.51 < memory.nf4_bytes(int(n)) / n < 0.52  # 4 bits + one byte per 64 + one fp32 per 16384
     comparison = pd.DataFrame([{"method": "full", "trainable_pct": 100.0, "score_test": 0.9},
                                {"method": "lora", "trainable_pct": 0.5, "score_test": 0.8},
                                {"method": "qlora", "trainable_pct": 0.5, "score_test": 0.7}])
-    table = peft_methods.gpu_guidance(comparison, model_sizes_b=(7.0,), gpus_gib=(8, 16, 24, 200))
+    table = lab1.gpu_guidance(comparison, model_sizes_b=(7.0,), gpus_gib=(8, 16, 24, 200))
     row = table.iloc[0]
     assert row["8GB"].startswith("qlora") and row["16GB"].startswith("qlora")  # LoRA needs 13.6 GiB > 0.7 x 16
     assert row["24GB"].startswith("lora") and row["200GB"].startswith("full")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from labhelpers import corpus
+from labhelpers.tasks import corpus
 from labhelpers.paths import data_dir
 from labhelpers.tasks import TASKS, arithmetic, code, get_task, load_split, read_jsonl, sql, write_all
 

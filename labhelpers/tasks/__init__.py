@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from labhelpers.tasks import corpus
 from labhelpers.paths import data_dir
 from labhelpers.tasks import arithmetic, code, sql
 from labhelpers.tasks.base import Task, read_jsonl, write_jsonl
@@ -40,8 +41,6 @@ def load_split(task: str, split: str, n: int | None = None, root: Path | None = 
 
 def write_all(root: Path | None = None, seed: int = DATA_SEED) -> list[Path]:
     """Generate every task's splits, the SQL database dump and the pretraining corpus into ``root``."""
-    from labhelpers import corpus
-
     root = root or data_dir()
     written = []
     for task in TASKS.values():

@@ -8,7 +8,6 @@ Splits partition the facts, so a replay set (train) never contains a probed fact
 
 from __future__ import annotations
 
-import random
 import re
 from typing import Sequence
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+
 @dataclass(frozen=True)
 class Task:
     """A generated, automatically scored task.

@@ -18,6 +18,7 @@ import random
 import re
 from typing import Sequence
 
+from labhelpers.sandbox import run_tests_batch
 from labhelpers.tasks.base import Task, chat_row, split_keys
 
 AGGREGATES = {  # name -> (phrase, code template over a generator/iterable expression)
@@ -136,8 +137,6 @@ def extract_code(completion: str) -> str:
 
 def score(rows: Sequence[dict], completions: Sequence[str]) -> list[bool]:
     """pass@1 verdicts: each completion must pass all of its row's tests inside the sandbox."""
-    from labhelpers.sandbox import run_tests_batch
-
     return run_tests_batch([extract_code(c) for c in completions], [r["tests"] for r in rows])
 
 

@@ -15,6 +15,8 @@ from collections import Counter
 from functools import lru_cache
 from typing import Sequence
 
+import pandas as pd
+
 from labhelpers.tasks.base import Task, chat_row, split_keys
 
 SCHEMA = ("CREATE TABLE employees (id INTEGER PRIMARY KEY, name TEXT NOT NULL, department TEXT NOT NULL, "
@@ -153,8 +155,6 @@ def format_report(completions: Sequence[str]):
     * ``valid_sql``: its first statement runs on the database (whether or not the answer is right);
     * ``no_chatter``: nothing follows that statement (no explanation, no second query).
     """
-    import pandas as pd
-
     return pd.DataFrame({
         "valid_sql": [run_query(extract_sql(c)) is not None for c in completions],
         "no_chatter": [c.strip().endswith(";") and c.strip().count(";") == 1 for c in completions],

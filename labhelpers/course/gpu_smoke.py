@@ -18,41 +18,39 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
+from labhelpers import memory, merging, profiles
+from labhelpers.continual import all_scores
+from labhelpers.labs import lab3, lab4
+from labhelpers.models import load_model
 from labhelpers.paths import build_dir
+from labhelpers.labs.lab1 import compare_methods
+from labhelpers.tasks import task_rows
+from labhelpers.training import fine_tune
 from labhelpers.units import to_mib
 
 
 def _peak_reset(device: str) -> None:
-    import torch
-
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
 
 
 def _peak_mib(device: str) -> float | None:
-    import torch
-
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         return to_mib(torch.cuda.max_memory_allocated())
     return None
 
 
-def lab1(profile) -> dict:
-    from labhelpers.peft_methods import compare_methods
-
+def smoke_lab1(profile) -> dict:
     table = compare_methods(["lora", "qlora"], profile).set_index("method")
     return {m: {"pass_at_1": float(table.loc[m, "score_test"]), "sec_per_step": float(table.loc[m, "sec_per_step"]),
                 "trainable_pct": float(table.loc[m, "trainable_pct"])} for m in table.index}
 
 
-def lab2(profile) -> dict:
-    from labhelpers.continual import all_scores
-    from labhelpers.models import load_model
-    from labhelpers.tasks import task_rows
-    from labhelpers.training import fine_tune
-
+def smoke_lab2(profile) -> dict:
     model, tokenizer = load_model(profile)
     before = all_scores(model, tokenizer, profile)
     run = fine_tune(model, tokenizer, task_rows("sql", "train"), profile, profile.max_steps)
@@ -60,24 +58,20 @@ def lab2(profile) -> dict:
     return {"before": before, "after": after, "sec_per_step": run.sec_per_step}
 
 
-def lab3(profile, work: Path) -> dict:
-    from labhelpers import merging
-
-    code, _ = merging.train_expert(["code"], profile, work / "code", profile.max_steps)
-    sql, _ = merging.train_expert(["sql"], profile, work / "sql", profile.max_steps)
+def smoke_lab3(profile, work: Path) -> dict:
+    code, _ = lab3.train_expert(["code"], profile, work / "code", profile.max_steps)
+    sql, _ = lab3.train_expert(["sql"], profile, work / "sql", profile.max_steps)
     report = merging.merge_checkpoints([code, sql], work / "ties", "ties",
-                                       base=merging.local_checkpoint(profile.base_model), density=0.5)
-    return {"merge_seconds": report.seconds, "merged": merging.score_folder(report.folder, profile)}
+                                       base=lab3.local_checkpoint(profile.base_model), density=0.5)
+    return {"merge_seconds": report.seconds, "merged": lab3.score_folder(report.folder, profile)}
 
 
-def lab4(profile) -> dict:
-    from labhelpers import memory
-
+def smoke_lab4(profile) -> dict:
     arch = memory.profile_architecture(profile)
     batch = memory.make_batch(arch.vocab, profile.batch_size, profile.max_seq_length, device=profile.device)
     out = {}
     for method in ("full", "lora", "qlora+gc"):
-        model, optimizer = memory.setup_training(method, profile)
+        model, optimizer = lab4.setup_training(method, profile)
         measured = memory.measure_training_step(model, batch, optimizer)
         estimated = memory.estimate_for_profile(profile, method)
         out[method] = {"peak_mib": to_mib(measured.peak), "estimate_over_measured": estimated.peak / measured.peak,
@@ -88,16 +82,12 @@ def lab4(profile) -> dict:
 
 def smoke_profile(dry_run: bool):
     """``smoke`` on the CPU for a dry run; else ``t4`` cut to a few minutes."""
-    from labhelpers import profiles
-
     if dry_run:
         return profiles.get("smoke")
     return profiles.get("t4").with_(name="t4-smoke", max_steps=30, n_eval=32, eval_batch_size=32)
 
 
 def main(argv: list[str] | None = None) -> int:
-    import torch
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="run on the CPU with the smoke profile")
     parser.add_argument("--out", type=Path, default=build_dir() / "gpu-smoke.json")
@@ -110,8 +100,8 @@ def main(argv: list[str] | None = None) -> int:
               else "cpu", "torch": torch.__version__, "labs": {}}
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="sftlabs-gpu-smoke-") as tmp:
-        for name, fn in (("lab1_peft", lab1), ("lab2_domain", lab2), ("lab3_merging", lambda p: lab3(p, Path(tmp))),
-                         ("lab4_memory", lab4)):
+        for name, fn in (("lab1_peft", smoke_lab1), ("lab2_domain", smoke_lab2),
+                         ("lab3_merging", lambda p: smoke_lab3(p, Path(tmp))), ("lab4_memory", smoke_lab4)):
             _peak_reset(profile.device)
             start = time.perf_counter()
             result = fn(profile)

@@ -1,6 +1,6 @@
 """The nbgrader pipeline: release ``solutions/`` into ``labs/``, check, autograde, feedback, grades.
 
-``python -m labhelpers.grading release | check NOTEBOOK | autograde LAB | feedback LAB | export`` is
+``python -m labhelpers.course.grading release | check NOTEBOOK | autograde LAB | feedback LAB | export`` is
 what the Makefile calls. :func:`round_trip` drives a whole cycle in a scratch course folder (tests use
 it): release a lab, submit the solution and the untouched release as two students, autograde both
 and return their scores.
@@ -21,8 +21,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pandas as pd
+
+from labhelpers.course.colab import sync_notebook
+from labhelpers.course.runner import discover, stderr_to
 from labhelpers.paths import REPO_ROOT
-from labhelpers.runner import discover, stderr_to
 from labhelpers.units import GiB
 
 
@@ -72,9 +75,7 @@ def lab_names(course_dir: Path = REPO_ROOT) -> list[str]:
 
 def release(course_dir: Path = REPO_ROOT, labs: list[str] | None = None) -> list[Path]:
     """Generate the student version of each lab into ``labs/`` (solutions and hidden tests removed),
-    after syncing each source's Colab badge and setup cell (:mod:`labhelpers.colab`)."""
-    from labhelpers.colab import sync_notebook
-
+    after syncing each source's Colab badge and setup cell (:mod:`labhelpers.course.colab`)."""
     out = []
     for lab in labs or lab_names(course_dir):
         sync_notebook(course_dir / "solutions" / lab / f"{lab}.ipynb")
@@ -125,7 +126,6 @@ def check(notebook: Path, env: dict | None = None, timeout_s: int = 900) -> "pd.
     """Run a student's notebook the way the grader does (``nbgrader validate``: a fresh kernel, every
     cell in order, the grading profile) and return one row per graded test cell: points, passed, the
     error's last line. Prints the table. A notebook whose graded cells were changed is reported too."""
-    import pandas as pd
     from nbgrader.utils import chdir
     from nbgrader.validator import Validator
     from traitlets.config import Config
@@ -201,7 +201,7 @@ def round_trip(dest: Path, lab: str, source: Path = REPO_ROOT / "solutions", env
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] not in ("release", "check", "autograde", "feedback", "export"):
-        print("usage: python -m labhelpers.grading release | check NOTEBOOK | autograde LAB | feedback LAB | export")
+        print("usage: python -m labhelpers.course.grading release | check NOTEBOOK | autograde LAB | feedback LAB | export")
         return 2
     command, rest = args[0], args[1:]
     if command == "check":

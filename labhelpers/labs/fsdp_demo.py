@@ -1,6 +1,6 @@
 """A real FSDP run of the shipped base model, launched with ``accelerate launch`` (Lab 4, part 6).
 
-    accelerate launch --config_file labhelpers/configs/accelerate/fsdp_cpu_2proc.yaml -m labhelpers.fsdp_demo --out out.json
+    accelerate launch --config_file labhelpers/configs/accelerate/fsdp_cpu_2proc.yaml -m labhelpers.labs.fsdp_demo --out out.json
 
 Each rank trains a few steps on its own micro-batch and reports the bytes *it* holds of weights,
 gradients and AdamW states (the local shards); rank 0 writes them all to ``--out``. With N ranks and
@@ -12,9 +12,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
+import torch
+from torch.distributed.fsdp import fully_shard
+
+from labhelpers import profiles
+from labhelpers.memory import make_batch
+from labhelpers.models import load_model
 from labhelpers.paths import accelerate_config
 
 
@@ -35,18 +42,16 @@ def launch(num_processes: int, out: Path, profile: str = "ci", config: Path = CP
     """Run this demo on ``profile``'s base model in ``num_processes`` processes (1: plain Python, no
     sharding; more: ``accelerate launch`` with ``config``) and return each rank's report. ``options``:
     ``steps``, ``batch_size``, ``seq_len``. Raises RuntimeError with the launcher's output when the run fails."""
-    import subprocess
-
     if num_processes < 1:
         raise ValueError(f"num_processes must be >= 1, got {num_processes}")
     out = Path(out)
     out.unlink(missing_ok=True)
     flags = [f"--profile={profile}", *(f"--{k.replace('_', '-')}={v}" for k, v in options.items())]
     if num_processes == 1:
-        command = [sys.executable, "-m", "labhelpers.fsdp_demo", "--out", str(out), *flags]
+        command = [sys.executable, "-m", "labhelpers.labs.fsdp_demo", "--out", str(out), *flags]
     else:
         command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-                   "--num_processes", str(num_processes), "-m", "labhelpers.fsdp_demo", "--out", str(out), *flags]
+                   "--num_processes", str(num_processes), "-m", "labhelpers.labs.fsdp_demo", "--out", str(out), *flags]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, env=env)
     if done.returncode != 0 or not out.exists():
@@ -58,20 +63,14 @@ def launch(num_processes: int, out: Path, profile: str = "ci", config: Path = CP
 def shard_layers(model, reshard_after_forward: bool = True) -> None:
     """FSDP2 full sharding as accelerate's TRANSFORMER_BASED_WRAP does it: each decoder layer, then the
     root (embeddings, final norm, head). Each rank keeps 1/world_size of every parameter."""
-    from torch.distributed.fsdp import fully_shard
-
     for layer in model.model.layers:
         fully_shard(layer, reshard_after_forward=reshard_after_forward)
     fully_shard(model, reshard_after_forward=reshard_after_forward)
 
 
 def main(argv=None) -> dict:
-    import torch
     from accelerate import Accelerator
 
-    from labhelpers import profiles
-    from labhelpers.memory import make_batch
-    from labhelpers.models import load_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)

@@ -1,6 +1,6 @@
-"""Pretrain the shipped tiny base model: ``python -m labhelpers.pretrain --size tiny``.
+"""Pretrain the shipped tiny base model: ``python -m labhelpers.course.pretrain --size tiny``.
 
-Steps: generate the corpus (``labhelpers.corpus``), train a byte-level BPE tokenizer with
+Steps: generate the corpus (``labhelpers.tasks.corpus``), train a byte-level BPE tokenizer with
 ``tokenizers`` (digits split one by one, the chat template of ``labhelpers.chat``), build a
 ``LlamaForCausalLM`` of the requested size, train it on packed token blocks with AdamW and a cosine
 schedule, and save it with safetensors plus ``manifest.json`` (config, seed, corpus recipe, sha256 of
@@ -18,19 +18,24 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import transformers
 from tqdm.auto import tqdm
+from transformers import (
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    get_cosine_schedule_with_warmup,
+)
 
-from labhelpers import chat, corpus
-from labhelpers.evaluation import perplexity, token_blocks
+from labhelpers import chat
+from labhelpers.tasks import corpus
+from labhelpers.evaluation import evaluate_task, perplexity, token_blocks
+from labhelpers.models import MODEL_SIZES
 from labhelpers.paths import base_model_dir, data_dir
 from labhelpers.tasks import TASKS, read_jsonl
 
 VOCAB_SIZE = 1024
-MODEL_SIZES = {  # name -> LlamaConfig fields that change with size
-    "micro": dict(hidden_size=96, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256),
-    "tiny": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=384),
-    "small": dict(hidden_size=192, num_hidden_layers=6, num_attention_heads=6, intermediate_size=512),
-}
 DEFAULT_STEPS = {"micro": 2400, "tiny": 2400, "small": 1000}  # what the shipped bases were trained with
 
 
@@ -49,7 +54,6 @@ class PretrainConfig:
 def train_tokenizer(texts: list[str], vocab_size: int = VOCAB_SIZE):
     """A byte-level BPE tokenizer with single-digit tokens, our special tokens and chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
@@ -66,8 +70,6 @@ def train_tokenizer(texts: list[str], vocab_size: int = VOCAB_SIZE):
 
 def model_config(size: str, tokenizer):
     """The ``LlamaConfig`` of a named size; unknown sizes list the valid ones."""
-    from transformers import LlamaConfig
-
     if size not in MODEL_SIZES:
         raise KeyError(f"unknown model size {size!r}; valid sizes: {', '.join(MODEL_SIZES)}")
     return LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=512, tie_word_embeddings=True,
@@ -77,8 +79,6 @@ def model_config(size: str, tokenizer):
 
 def pretrain(cfg: PretrainConfig, out_dir: Path | None = None) -> dict:
     """Train the tokenizer and model, save both with a manifest, return the manifest."""
-    from transformers import LlamaForCausalLM, get_cosine_schedule_with_warmup
-
     torch.manual_seed(cfg.seed)
     out_dir = Path(out_dir or base_model_dir(cfg.size))
     corpus_dir = data_dir() / "corpus"
@@ -119,10 +119,6 @@ def pretrain(cfg: PretrainConfig, out_dir: Path | None = None) -> dict:
 def write_manifest(out_dir: Path, cfg: PretrainConfig, model, tokenizer, heldout: list[str],
                    losses: list[float], train_seconds: float, n_train_tokens: int) -> dict:
     """Evaluate the saved model and write ``manifest.json`` next to it."""
-    import transformers
-
-    from labhelpers.evaluation import evaluate_task
-
     probe = evaluate_task(model, tokenizer, "arithmetic", "test")
     manifest = {
         "model_size": cfg.size,
@@ -131,7 +127,7 @@ def write_manifest(out_dir: Path, cfg: PretrainConfig, model, tokenizer, heldout
                          ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                           "vocab_size", "max_position_embeddings", "tie_word_embeddings")},
         "n_parameters": sum(p.numel() for p in model.parameters()),
-        "corpus_recipe": {"generator": "labhelpers.corpus.documents", "seed": cfg.seed,
+        "corpus_recipe": {"generator": "labhelpers.tasks.corpus.documents", "seed": cfg.seed,
                           "n_documents": corpus.N_DOCUMENTS, "mix": corpus.MIX,
                           "n_train_tokens": n_train_tokens, "epochs": cfg.steps * cfg.batch_size * cfg.seq_len
                           / n_train_tokens},
@@ -151,8 +147,6 @@ def write_manifest(out_dir: Path, cfg: PretrainConfig, model, tokenizer, heldout
 
 def remanifest(cfg: PretrainConfig, out_dir: Path | None = None) -> dict:
     """Rewrite ``manifest.json`` of a saved model from its ``pretrain_log.json``."""
-    from transformers import AutoTokenizer, LlamaForCausalLM
-
     out_dir = Path(out_dir or base_model_dir(cfg.size))
     model, tokenizer = LlamaForCausalLM.from_pretrained(out_dir), AutoTokenizer.from_pretrained(out_dir)
     heldout = [d["text"] for d in read_jsonl(data_dir() / "corpus" / "heldout.jsonl")]

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import platform
 import statistics
 import subprocess
 import sys
@@ -32,7 +33,18 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from labhelpers import memory, profiles
+from labhelpers import quantization as Q
+from labhelpers.course.runner import run_labs
+from labhelpers.data import tokenize_rows
+from labhelpers.labs import lab4
+from labhelpers.models import load_model, load_tokenizer
 from labhelpers.paths import build_dir
+from labhelpers.tasks import task_rows
+from labhelpers.training import train_sft
 from labhelpers.units import to_mib
 
 
@@ -42,15 +54,11 @@ def _median(xs):
 
 # ------------------------------------------------------------------------------------------ training
 def _rows(n: int):
-    from labhelpers.tasks import task_rows
-
     return task_rows("code", "train", n)
 
 
 def _real_tokens(rows, tokenizer, steps: int, batch_size: int) -> int:
     """Tokens the run really trains on (no padding): ``steps x batch_size`` rows of average length."""
-    from labhelpers.data import tokenize_rows
-
     lengths = [len(r["input_ids"]) for r in tokenize_rows(rows, tokenizer, 10_000)]
     return int(steps * batch_size * statistics.mean(lengths))
 
@@ -59,8 +67,6 @@ def run_labhelpers(profile, rows, steps: int, **overrides) -> float:
     """Seconds from rows to a trained model: dataset preparation and training (model loading excluded)."""
     from datasets import Dataset
 
-    from labhelpers.models import load_model
-    from labhelpers.training import train_sft
 
     model, tokenizer = load_model(profile)
     start = time.perf_counter()
@@ -84,8 +90,6 @@ def run_trl_default(profile, rows, steps: int) -> float:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from labhelpers.models import load_model
-
     model, tokenizer = load_model(profile)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
@@ -99,11 +103,6 @@ def run_trl_default(profile, rows, steps: int) -> float:
 
 
 def run_plain_loop(profile, rows, steps: int) -> float:
-    import torch
-
-    from labhelpers.data import tokenize_rows
-    from labhelpers.models import load_model
-
     model, tokenizer = load_model(profile)
     start = time.perf_counter()
     examples = tokenize_rows(rows, tokenizer, profile.max_seq_length)
@@ -127,8 +126,6 @@ def run_plain_loop(profile, rows, steps: int) -> float:
 
 
 def bench_training(profile, steps: int, repeats: int) -> dict:
-    from labhelpers.models import load_tokenizer
-
     rows = _rows(2000)
     tokens = _real_tokens(rows, load_tokenizer(profile), steps, profile.batch_size)
     contenders = {"labhelpers": run_labhelpers, "labhelpers_random_batches": run_labhelpers_random_batches,
@@ -175,8 +172,6 @@ print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_mib": peak.p
 
 def build_checkpoints(folder: Path, hidden: int, layers: int, vocab: int = 32000) -> tuple[list[Path], dict]:
     """A base and two perturbed copies of a randomly initialized Llama of the given shape (fp32)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
                          num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 64),
@@ -223,10 +218,6 @@ def bench_merging(shapes=((768, 12), (768, 24)), repeats: int = 2) -> list[dict]
 
 # -------------------------------------------------------------------------------------- quantization
 def bench_quantization(shape=(4096, 4096), repeats: int = 3) -> dict:
-    import torch
-
-    from labhelpers import quantization as Q
-
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
     timings = {"reference_nf4": [], "bitsandbytes_nf4": []}
     for _ in range(repeats):
@@ -243,13 +234,11 @@ def bench_quantization(shape=(4096, 4096), repeats: int = 3) -> dict:
 
 # -------------------------------------------------------------------------------------------- memory
 def bench_memory(profile) -> list[dict]:
-    from labhelpers import memory
-
     arch = memory.profile_architecture(profile)
     batch = memory.make_batch(arch.vocab, profile.batch_size, profile.max_seq_length, device=profile.device)
     rows = []
     for method in ("full", "lora", "qlora", "qlora+gc+8bit"):
-        model, optimizer = memory.setup_training(method, profile)
+        model, optimizer = lab4.setup_training(method, profile)
         measured = memory.measure_training_step(model, batch, optimizer)
         estimated = memory.estimate_for_profile(profile, method)
         rows.append({"method": method, "measured_peak_mib": to_mib(measured.peak),
@@ -266,8 +255,6 @@ def run_notebooks(profiles_: list[str], out: Path, source: Path | None = None) -
     """Run every lab (``solutions/``, or ``source``) in each profile, one after another, into
     ``out/notebooks/<profile>/``; returns that folder, whose ``runtime.json`` files
     :func:`notebook_timings` reads."""
-    from labhelpers.runner import run_labs
-
     root = out / "notebooks"
     for profile in profiles_:
         failed = [run for run in run_labs(root / profile, profile, source) if not run.passed]
@@ -342,10 +329,6 @@ def write(results: dict, out: Path) -> tuple[Path, Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import platform
-
-    from labhelpers import profiles
-
     parser = argparse.ArgumentParser(description="Benchmarks measured side by side; writes bench.md and bench.json")
     parser.add_argument("--out", type=Path, default=build_dir())
     parser.add_argument("--repeats", type=int, default=5)

@@ -1,4 +1,4 @@
-"""Run lab notebooks headlessly with papermill: ``python -m labhelpers.runner --profile ci``.
+"""Run lab notebooks headlessly with papermill: ``python -m labhelpers.course.runner --profile ci``.
 
 Each ``solutions/<lab>/<lab>.ipynb`` is executed with ``PROFILE`` injected into its ``parameters``
 cell, inside ``<out>/<lab>/``, and written to ``<out>/<lab>/<lab>.ipynb``; every figure it shows is
@@ -13,15 +13,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import html
 import json
 import os
+import platform
 import sys
 import time
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Iterator
 
 from labhelpers.paths import REPO_ROOT, build_dir
+from labhelpers.profiles import get
 from labhelpers.results import load_metrics, write_atomic
 
 KERNEL = "sftlabs"
@@ -206,8 +210,6 @@ REPORT_PACKAGES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "data
 
 def environment() -> dict[str, str]:
     """Python and the versions of the packages the labs run on."""
-    import platform
-    from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": platform.python_version(), "machine": f"{platform.system()} {platform.machine()}"}
     for name in REPORT_PACKAGES:
@@ -234,10 +236,6 @@ def notebook_tables(notebook: Path) -> list[str]:
 def write_report(runs: list[LabRun], out: Path, profile: str) -> Path:
     """``report.html``: for each lab its run time, executed notebook, tables and figures, metrics, and
     the profile, seed and package versions of the run (self-contained but for the figure files)."""
-    import html
-
-    from labhelpers.profiles import get
-
     resolved = get(profile)
     env = environment()
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>SFT Labs results</title><style>",
@@ -285,7 +283,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=build_dir())
     parser.add_argument("--source", type=Path, default=None)
     args = parser.parse_args(argv)
-    from labhelpers.profiles import get
 
     profile = get(args.profile).name  # fails early, with the valid names, on a typo; "auto" is resolved here
     out = args.out.resolve()  # once, here: everything below gets the absolute folder

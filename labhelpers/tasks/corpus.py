@@ -21,6 +21,7 @@ from pathlib import Path
 
 from labhelpers.tasks import arithmetic, code
 from labhelpers.tasks.base import write_jsonl
+from labhelpers.tasks.sql import CITIES, DEPARTMENTS, FIRST_NAMES
 
 N_DOCUMENTS = 24000
 HELDOUT_DOCUMENTS = 600
@@ -90,8 +91,6 @@ def prose_doc(rng: random.Random) -> str:
 
 
 def office_doc(rng: random.Random) -> str:
-    from labhelpers.tasks.sql import CITIES, DEPARTMENTS, FIRST_NAMES
-
     dept, city = rng.choice(DEPARTMENTS), rng.choice(CITIES)
     age, salary, n = rng.randint(21, 65), rng.randrange(25000, 130001, 500), rng.randint(2, 40)
     name = f"{rng.choice(FIRST_NAMES)} {chr(65 + rng.randrange(26))}."

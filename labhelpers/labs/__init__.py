@@ -1,0 +1,1 @@
+"""Each lab's experiments: the drivers its notebook and the GPU smoke check call."""

@@ -1,0 +1,136 @@
+"""Lab 3's experiments: a shared instruction-tuned start, one expert per skill, every merge of them
+scored on every skill, and a merge compared against your own per-tensor rule."""
+
+from __future__ import annotations
+
+import math
+import random
+import tempfile
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from labhelpers.evaluation import task_scores
+from labhelpers.merging import NEEDS_BASE, Checkpoint, merge_checkpoints
+from labhelpers.models import load_model, model_source
+from labhelpers.tasks import task_rows
+from labhelpers.training import fine_tune
+
+TASKS = ("code", "sql", "arithmetic")
+
+
+def local_checkpoint(name: str) -> Path:
+    """A folder with safetensors weights for a shipped size, a path, or a hub id (downloaded once)."""
+    source = model_source(name)
+    if Path(source).exists():
+        return Path(source)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(source, allow_patterns=["*.safetensors", "*.json", "*.model", "*.txt", "*.jinja"]))
+
+
+def save_model(model, tokenizer, folder: str | Path) -> Path:
+    """Save a model and its tokenizer as a loadable folder with safetensors weights."""
+    folder = Path(folder)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def score_folder(folder: str | Path, profile, tasks: Sequence[str] = TASKS) -> dict[str, float]:
+    """Load a model folder on the profile's device and score it on ``tasks`` (test splits)."""
+
+    model, tokenizer = load_model(profile, str(folder))
+    return task_scores(model, tokenizer, tasks, profile.n_eval, profile.eval_batch_size)
+
+
+def general_rows() -> list[dict]:
+    """General instruction data: the arithmetic facts as chats and as plain completions."""
+    completions = task_rows("arithmetic", "train")
+    chats = [{"messages": [{"role": "user", "content": r["prompt"]},
+                           {"role": "assistant", "content": r["completion"].strip()}]} for r in completions]
+    return chats + completions
+
+
+def train_instruct_start(profile, folder: str | Path, steps: int, task_fraction: float = 0.02,
+                         tasks_: Sequence[str] = ("code", "sql"), repeats: int = 4) -> tuple[Path, object]:
+    """The shared starting point of the experts: the base instruction-tuned on general data
+    (:func:`general_rows`, ``repeats`` times) plus a small ``task_fraction`` of each task's training rows,
+    like an instruct model that has seen a little of everything. Saved to ``folder``."""
+    if not 0.0 <= task_fraction <= 1.0:
+        raise ValueError(f"task_fraction must be in [0, 1], got {task_fraction}")
+    rng = random.Random(profile.seed)
+    rows = general_rows() * repeats
+    for task in tasks_:
+        pool = task_rows(task, "train")
+        rows += rng.sample(pool, round(task_fraction * len(pool)))
+    rng.shuffle(rows)
+    return _train_and_save(rows, profile, folder, steps)
+
+
+def train_expert(tasks_: Sequence[str], profile, folder: str | Path, steps: int, start: str | Path | None = None,
+                 learning_rate: float | None = None, peft_config=None) -> tuple[Path, object]:
+    """Fine-tune ``start`` (default: the profile's base) on the union of ``tasks_``' training rows and
+    save the full weights to ``folder``.
+
+    One task makes an expert; several make the multi-task baseline. With ``peft_config`` (LoRA) the
+    adapter alone is also saved to ``folder/adapter`` and ``folder`` receives the merged weights
+    (``merge_and_unload``). Returns (folder, TrainResult).
+    """
+    rows = [row for task in tasks_ for row in task_rows(task, "train")]
+    random.Random(profile.seed).shuffle(rows)
+    return _train_and_save(rows, profile, folder, steps, start, learning_rate, peft_config)
+
+
+def _train_and_save(rows: list[dict], profile, folder: str | Path, steps: int, start: str | Path | None = None,
+                    learning_rate: float | None = None, peft_config=None) -> tuple[Path, object]:
+    """Load ``start`` (default: the profile's base), fine-tune it on ``rows`` and save it to ``folder``
+    (with ``peft_config``: the adapter to ``folder/adapter``, the merged weights to ``folder``)."""
+
+    model, tokenizer = load_model(profile, str(start) if start is not None else None)
+    run = fine_tune(model, tokenizer, rows, profile, steps, learning_rate=learning_rate, peft_config=peft_config)
+    trained = run.model
+    if peft_config is not None:
+        trained.save_pretrained(Path(folder) / "adapter")
+        trained = trained.merge_and_unload()
+    return save_model(trained, tokenizer, folder), run
+
+
+def compare_merge(tensor_fn: Callable, method: str, models: Sequence[str | Path], base: str | Path | None,
+                  **knobs) -> float:
+    """Merge real checkpoints with your per-tensor function and with the reference method; return the
+    largest absolute difference over all tensors (0 means identical)."""
+    with tempfile.TemporaryDirectory(prefix="sftlabs-merge-") as tmp:
+        ours = merge_checkpoints(models, Path(tmp) / "yours", method, base=base, tensor_fn=tensor_fn, **knobs)
+        reference = merge_checkpoints(models, Path(tmp) / "reference", method, base=base, **knobs)
+        a, b = Checkpoint(ours.folder), Checkpoint(reference.folder)
+        return max((a[n].float() - b[n].float()).abs().max().item() for n in b.tensors if b.tensors[n].end > b.tensors[n].start)
+
+
+def sweep_merges(configs: Sequence[Mapping], experts: Sequence[str | Path], base: str | Path, out_root: str | Path,
+                 profile, tasks: Sequence[str] = TASKS, tensor_fns: Mapping[str, Callable] | None = None):
+    """Run each merge config (``{"method": ..., "knob": <name>, <name>: value, ...}``) and score it.
+
+    ``knob`` names the swept setting; its value is ``config["value"]`` when given (e.g. a label for a
+    pair of weights), else ``config[knob]``. Every other key is passed to :func:`merge_checkpoints`.
+
+    Returns a DataFrame: ``method``, ``knob``, ``value``, ``label``, one column per task, ``average``
+    and ``seconds`` (merge time). ``tensor_fns`` maps a method to your per-tensor function.
+    """
+
+    rows = []
+    for config in tqdm(configs, desc="merges"):
+        config = dict(config)
+        method, knob = config.pop("method"), config.pop("knob")
+        value = config.pop("value", config.get(knob, math.nan))
+        label = f"{method} {knob}={value:g}"
+        folder = Path(out_root) / label.replace(" ", "_").replace("=", "")
+        fn = (tensor_fns or {}).get(method)
+        report = merge_checkpoints(experts, folder, method, base=base if NEEDS_BASE[method] else None,
+                                   tensor_fn=fn, **config)
+        scores = score_folder(folder, profile, tasks)
+        rows.append({"method": method, "knob": knob, "value": value, "label": label,
+                     **scores, "average": sum(scores.values()) / len(scores), "seconds": report.seconds})
+    return pd.DataFrame(rows)

@@ -1,0 +1,180 @@
+"""Lab 4's experiments: measured memory of training steps next to the estimate, checkpointing,
+optimizers, accumulation and mixed precision, and the methods compared end to end."""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import warnings
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from labhelpers.memory import (
+    Method,
+    StepMemory,
+    estimate_for_profile,
+    make_batch,
+    measure_training_step,
+    parse_method,
+    profile_architecture,
+)
+from labhelpers.labs.lab1 import compare_methods
+from labhelpers.peft_methods import prepare
+from labhelpers.units import MiB
+
+
+def setup_training(method: "str | Method", profile, lora_r: int | None = None, learning_rate: float = 1e-4):
+    """(model, optimizer) ready to train with ``method`` on the profile's base model.
+
+    ``full`` trains every weight; ``lora`` adds LoRA (the profile's targets, rank ``lora_r`` or the
+    profile's) to the frozen base; ``qlora`` loads the base in NF4 with double quantization first.
+    ``+gc`` turns on gradient checkpointing, ``+8bit`` uses bitsandbytes' 8-bit AdamW.
+    """
+    from peft import get_peft_model
+
+    m = parse_method(method)
+    setup = prepare(m.base, profile.with_(gradient_checkpointing=m.gradient_checkpointing),
+                    **({"r": lora_r} if lora_r and m.base != "full" else {}))
+    model = setup["model"]
+    if setup["peft_config"] is not None:
+        model = get_peft_model(model, setup["peft_config"])
+    if m.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+        if m.base != "full":
+            model.enable_input_require_grads()  # as prepare_model_for_kbit_training does for QLoRA
+    optimizer = make_optimizer("adamw_bnb_8bit" if m.adam_8bit else "adamw_torch",
+                               (p for p in model.parameters() if p.requires_grad), lr=learning_rate)
+    return model, optimizer
+
+
+def _rows(method, measured: StepMemory, estimated: StepMemory | None, **keys) -> dict:
+    row = {**keys, "method": parse_method(method).label}
+    row.update({f"measured {k}": v for k, v in measured.mib().items()})
+    if estimated is not None:
+        row.update({f"estimated {k}": v for k, v in estimated.mib().items()})
+        row["total error (%)"] = 100 * (estimated.total - measured.total) / measured.total
+        row["peak error (%)"] = 100 * (estimated.peak - measured.peak) / measured.peak
+    row["seconds per step"] = measured.details["seconds"]
+    return row
+
+
+def breakdown_grid(profile, methods=("full", "lora", "qlora", "full+gc", "qlora+gc+8bit"),
+                   batch_sizes=(4, 16), seq_lens=(64, 160)):
+    """Measure one training step of each method at each batch size x sequence length on the profile's
+    base model, next to :func:`estimate_training_step`; one row per run, MiB, with relative errors."""
+    arch = profile_architecture(profile)
+    rows = []
+    bar = tqdm(total=len(methods) * len(batch_sizes) * len(seq_lens), desc="measure steps", unit="run")
+    for method in methods:
+        model, optimizer = setup_training(method, profile)
+        for b in batch_sizes:
+            for s in seq_lens:
+                bar.update()
+                measured = measure_training_step(model, make_batch(arch.vocab, b, s, device=profile.device), optimizer)
+                estimated = estimate_for_profile(profile, method, b, s)
+                rows.append(_rows(method, measured, estimated, batch_size=b, seq_len=s))
+        del model, optimizer
+    bar.close()
+    return pd.DataFrame(rows)
+
+
+def checkpointing_sweep(profile, seq_lens=(64, 128, 256, 512), batch_size: int = 8, method: str = "full",
+                        steps: int = 3):
+    """Activation memory, peak and time per step with and without gradient checkpointing, per length."""
+    arch = profile_architecture(profile)
+    rows = []
+    for checkpointing in (False, True):
+        label = method + ("+gc" if checkpointing else "")
+        model, optimizer = setup_training(label, profile)
+        for s in seq_lens:
+            m = measure_training_step(model, make_batch(arch.vocab, batch_size, s, device=profile.device), optimizer,
+                                      steps=steps)
+            rows.append({"seq_len": s, "checkpointing": checkpointing, "activations (MiB)": m.activations / MiB,
+                         "peak (MiB)": m.peak / MiB, "seconds per step": m.details["seconds"]})
+        del model, optimizer
+    return pd.DataFrame(rows)
+
+
+OPTIMIZERS = {"adamw_torch": "torch.optim.AdamW", "adamw_bnb_8bit": "bitsandbytes.optim.AdamW8bit",
+              "paged_adamw_8bit": "bitsandbytes.optim.PagedAdamW8bit", "paged_adamw_32bit": "bitsandbytes.optim.PagedAdamW32bit"}
+
+
+def make_optimizer(name: str, params, lr: float = 1e-4):
+    """An optimizer by its ``transformers`` ``optim`` name: the class :data:`OPTIMIZERS` names."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}")
+    module, _, class_name = OPTIMIZERS[name].rpartition(".")
+    optimizer_class = getattr(importlib.import_module(module), class_name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # paged optimizers fall back to ordinary memory off CUDA, and say so
+        return optimizer_class(list(params), lr=lr)
+
+
+def optimizer_memory(profile, optimizers=tuple(OPTIMIZERS), method: str = "full", batch_size: int = 8,
+                     seq_len: int = 128):
+    """Measured optimizer-state bytes (and the rest of the step) for each optimizer, ``method`` fixed."""
+    arch = profile_architecture(profile)
+    rows = []
+    for name in optimizers:
+        model, _ = setup_training(method, profile)
+        optimizer = make_optimizer(name, [p for p in model.parameters() if p.requires_grad])
+        m = measure_training_step(model, make_batch(arch.vocab, batch_size, seq_len, device=profile.device), optimizer)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        rows.append({"optimizer": name, "optimizer states (MiB)": m.optimizer / MiB,
+                     "bytes per trainable parameter": m.optimizer / trainable, "peak (MiB)": m.peak / MiB})
+        del model, optimizer
+    return pd.DataFrame(rows)
+
+
+def accumulation_table(profile, effective_batch: int = 32, micro_batches=(32, 16, 8, 4), seq_len: int = 128,
+                       precisions=(None, "bfloat16"), method: str = "full"):
+    """Gradient accumulation and mixed precision: peak memory and time per optimizer step for the same
+    effective batch, split into micro-batches, in fp32 and under autocast."""
+    arch = profile_architecture(profile)
+    model, optimizer = setup_training(method, profile)
+    rows = []
+    for precision in precisions:
+        for micro in micro_batches:
+            if effective_batch % micro:
+                raise ValueError(f"micro-batch {micro} does not divide the effective batch {effective_batch}")
+            m = measure_training_step(model, make_batch(arch.vocab, micro, seq_len, device=profile.device), optimizer,
+                                      accumulation_steps=effective_batch // micro, autocast_dtype=precision)
+            rows.append({"precision": precision or profile.dtype, "micro-batch": micro,
+                         "accumulation steps": effective_batch // micro, "effective batch": effective_batch,
+                         "activations (MiB)": m.activations / MiB, "peak (MiB)": m.peak / MiB,
+                         "seconds per optimizer step": m.details["seconds"]})
+    return pd.DataFrame(rows)
+
+
+def compare_efficiency(profile, methods=("full", "lora", "qlora", "qlora+gc+8bit"), task: str = "code",
+                       steps: int | None = None):
+    """Train each method on ``task`` with the same data and steps, then measure one full-length step.
+
+    Returns one row per method: trainable parameters, measured peak of a step at the profile's batch
+    size and maximum length (and its estimate), seconds per training step, final loss and test score.
+    """
+    arch = profile_architecture(profile)
+    batch = make_batch(arch.vocab, profile.batch_size, profile.max_seq_length, device=profile.device)
+
+    rows, curves = [], {}
+    for method in tqdm(methods, desc="methods", unit="method"):
+        m = parse_method(method)
+        run_profile = profile.with_(gradient_checkpointing=m.gradient_checkpointing,
+                                    max_steps=steps or profile.max_steps)
+        overrides = {"optim": "adamw_bnb_8bit"} if m.adam_8bit else {}
+        trained = compare_methods([m.base], run_profile, task=task, overrides=overrides, curves=True)
+        model, optimizer = setup_training(m, profile)
+        step = measure_training_step(model, batch, optimizer)
+        est = estimate_for_profile(profile, m)
+        row = trained.iloc[0].to_dict()
+        curves[m.label] = row.pop("loss_curve")
+        rows.append({"method": m.label, "trainable params": row["trainable_params"],
+                     "measured peak (MiB)": step.peak / MiB, "estimated peak (MiB)": est.peak / MiB,
+                     "weights (MiB)": step.weights / MiB, "optimizer (MiB)": step.optimizer / MiB,
+                     "activations (MiB)": step.activations / MiB, "seconds per step": row["sec_per_step"],
+                     "final loss": row["final_train_loss"], "pass@1": row["score_test"]})
+        del model, optimizer, trained
+        gc.collect()
+    return pd.DataFrame(rows), curves

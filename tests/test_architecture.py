@@ -1,0 +1,65 @@
+"""The package's layering (pyproject's import-linter contracts) holds, and would catch a back-import;
+modules stay small; no labhelpers import hides inside a function."""
+
+import ast
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from labhelpers.paths import REPO_ROOT
+
+PACKAGE = REPO_ROOT / "labhelpers"
+LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
+MAX_LINES = 400
+
+
+def _modules() -> list[Path]:
+    return sorted(p for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts)
+
+
+def _lint(root: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(LINT_IMPORTS), "--no-cache"], cwd=root, capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(root)}, timeout=120)
+
+
+def test_layering_contracts_are_kept():
+    result = _lint(REPO_ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 kept, 0 broken" in result.stdout
+
+
+def test_a_back_import_breaks_the_contract(tmp_path):
+    """A core module importing course tooling (the kind of shortcut the layers forbid) is reported."""
+    shutil.copytree(PACKAGE, tmp_path / "labhelpers", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO_ROOT / "pyproject.toml", tmp_path)
+    units = tmp_path / "labhelpers" / "units.py"
+    units.write_text(units.read_text() + "\nfrom labhelpers.course import runner  # noqa: E402,F401\n")
+    result = _lint(tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "BROKEN" in result.stdout and "labhelpers.units -> labhelpers.course.runner" in result.stdout
+
+
+def test_every_module_has_a_layer():
+    config = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    layers = next(c for c in config if c["type"] == "layers")["layers"]
+    named = {name.strip() for layer in layers for name in layer.replace("|", ":").split(":")}
+    top = {f"labhelpers.{p.stem if p.is_file() else p.name}" for p in PACKAGE.iterdir()
+           if (p.suffix == ".py" and p.stem != "__init__") or (p / "__init__.py").exists()}
+    assert top - named == set(), "add these modules to a layer in pyproject.toml"
+    assert named - top == set(), "these layers name modules that do not exist"
+
+
+@pytest.mark.parametrize("path", _modules(), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_module_is_small_and_imports_at_the_top(path):
+    text = path.read_text()
+    assert text.count("\n") <= MAX_LINES, f"{path.name}: {text.count(chr(10))} lines; split it by concern"
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for inner in ast.walk(node):
+                if isinstance(inner, ast.ImportFrom) and (inner.module or "").startswith("labhelpers"):
+                    pytest.fail(f"{path.name}:{inner.lineno} imports labhelpers inside {node.name}(); "
+                                "import at the top (a cycle there means a layer is wrong)")

@@ -23,20 +23,17 @@ from __future__ import annotations
 import copy
 import math
 import random
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
 from labhelpers.data import tokenize_rows
-from labhelpers.evaluation import evaluate_task, perplexity, task_scores, token_blocks
-from labhelpers.models import count_parameters, load_model
+from labhelpers.evaluation import evaluate, perplexity, token_blocks
 from labhelpers.paths import data_dir
-from labhelpers.peft_methods import peft_config
 from labhelpers.profiles import Profile
-from labhelpers.tasks import load_split, read_jsonl, sql, task_rows  # noqa: F401  (task_rows: used by the lab)
-from labhelpers.training import fine_tune  # noqa: F401  (re-exported: the lab calls continual.fine_tune)
+from labhelpers.tasks import load_split, read_jsonl, sql
 
 GENERAL_TASK = "arithmetic"  # the skill the base has before any lab: the forgetting probe
 DOMAIN_TASK = "sql"
@@ -94,14 +91,14 @@ def replay_mix(domain_rows: Sequence[dict], replay_rows: Sequence[dict], fractio
 
 def general_scores(model, tokenizer, profile: Profile, n_texts: int = 200) -> dict[str, float]:
     """The general skill: arithmetic exact match (test split) and held-out corpus perplexity."""
-    acc = evaluate_task(model, tokenizer, GENERAL_TASK, "test", profile.n_eval, profile.eval_batch_size)
+    acc = evaluate(model, tokenizer, GENERAL_TASK, profile)
     return {GENERAL_TASK: float(acc["correct"].mean()),
             "heldout_ppl": perplexity(model, tokenizer, corpus_texts("heldout", n_texts))}
 
 
 def domain_scores(model, tokenizer, profile: Profile) -> tuple[dict[str, float], pd.DataFrame]:
     """SQL execution accuracy and format adherence, plus the per-example frame."""
-    df = evaluate_task(model, tokenizer, DOMAIN_TASK, "test", profile.n_eval, profile.eval_batch_size)
+    df = evaluate(model, tokenizer, DOMAIN_TASK, profile)
     quality = sql.format_report(df["completion"])
     df = pd.concat([df, quality], axis=1)
     return {DOMAIN_TASK: float(df["correct"].mean()), "valid_sql": float(df["valid_sql"].mean()),
@@ -230,34 +227,7 @@ def wise_ft(base_model, tuned_model, alpha: float, interpolate: Callable = inter
     return merged.eval()
 
 
-# ------------------------------------------------------------------------------ training helpers
-
-def task_score(model, tokenizer, task: str, profile: Profile) -> float:
-    """A task's score on its test split (first ``profile.n_eval`` rows)."""
-    return task_scores(model, tokenizer, [task], profile.n_eval, profile.eval_batch_size)[task]
-
-
 # ----------------------------------------------------------------------------- continual learning
-
-def continual_sequence(tasks: Sequence[str], profile: Profile, steps: int, replay_fraction: float = 0.0,
-                       seed: int = 0) -> pd.DataFrame:
-    """Full fine-tuning on ``tasks`` one after another, from the shipped base.
-
-    Returns the accuracy matrix: row ``base`` then one row per stage (``after <task>``), one column per
-    task, each entry the test score measured right after that stage. With ``replay_fraction`` > 0,
-    each stage mixes that fraction of examples from the earlier tasks' training data (replay).
-    """
-    model, tokenizer = load_model(profile)
-    matrix = {"base": {t: task_score(model, tokenizer, t, profile) for t in tasks}}
-    seen: list[dict] = []
-    for i, task in enumerate(tasks):
-        rows = task_rows(task, "train")
-        data = replay_mix(rows, seen, replay_fraction if seen else 0.0, tokenizer, profile.max_seq_length, seed + i)
-        model = fine_tune(model, tokenizer, data, profile, steps).model
-        matrix[f"after {task}"] = {t: task_score(model, tokenizer, t, profile) for t in tasks}
-        seen += rows
-    return pd.DataFrame(matrix).T[list(tasks)]
-
 
 def continual_metrics(matrix) -> dict[str, float]:
     """Average accuracy, backward transfer and forgetting of a T x T accuracy matrix.
@@ -279,38 +249,3 @@ def continual_metrics(matrix) -> dict[str, float]:
     forgetting = np.mean([max(r[l, j] for l in range(j, t - 1)) - r[t - 1, j] for j in range(t - 1)])
     return {"average_accuracy": float(r[t - 1].mean()), "backward_transfer": float(bwt),
             "forgetting": float(forgetting)}
-
-
-# ----------------------------------------------------------------------------------------- sweep
-
-def lora_sweep(models: Iterable[str], learning_rates: Iterable[float], ranks: Iterable[int], profile: Profile,
-               steps: int, task: str = DOMAIN_TASK) -> pd.DataFrame:
-    """LoRA on ``task`` for every (base model, learning rate, rank); one row per run.
-
-    ``alpha / r`` is held at the profile's ratio so that the rank changes capacity, not step size.
-    Columns: ``model``, ``params`` (base size), ``learning_rate``, ``r``, ``score``, ``final_loss``,
-    ``train_seconds``.
-    """
-
-    rows = task_rows(task, "train")
-    ratio = profile.lora_alpha / profile.lora_r
-    records = []
-    for name in models:
-        _, tokenizer = load_model(profile, name)
-        data = replay_mix(rows, [], 0.0, tokenizer, profile.max_seq_length)
-        for lr in learning_rates:
-            for r in ranks:
-                model, _ = load_model(profile, name)
-                params = count_parameters(model)["total"]
-                run = fine_tune(model, tokenizer, data, profile, steps, learning_rate=lr,
-                                peft_config=peft_config("lora", profile, r=r, lora_alpha=ratio * r))
-                records.append({"model": name, "params": params, "learning_rate": lr, "r": r,
-                                "score": task_score(run.model, tokenizer, task, profile),
-                                "final_loss": run.final_loss, "train_seconds": run.train_seconds})
-    return pd.DataFrame(records)
-
-
-def best_settings(sweep: pd.DataFrame) -> pd.DataFrame:
-    """The best run per base model (highest score, then lowest final loss)."""
-    ordered = sweep.sort_values(["model", "score", "final_loss"], ascending=[True, False, True])
-    return ordered.groupby("model", sort=False).head(1).sort_values("params").reset_index(drop=True)

@@ -10,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from labhelpers.chat import require_chat_template
+from labhelpers.profiles import Profile
 from labhelpers.tasks import get_task, load_split
 
 
@@ -80,6 +81,22 @@ def task_scores(model, tokenizer, tasks: Sequence[str], n: int | None = None, ba
                 split: str = "test") -> dict[str, float]:
     """``{task: score}`` on one split of each task (first ``n`` rows)."""
     return {task: float(evaluate_task(model, tokenizer, task, split, n, batch_size)["correct"].mean()) for task in tasks}
+
+
+def evaluate(model, tokenizer, task: str, profile: Profile, split: str = "test") -> pd.DataFrame:
+    """:func:`evaluate_task` on the profile's evaluation slice (first ``profile.n_eval`` rows, batches
+    of ``profile.eval_batch_size``): the one way the labs score a model."""
+    return evaluate_task(model, tokenizer, task, split, profile.n_eval, profile.eval_batch_size)
+
+
+def score(model, tokenizer, task: str, profile: Profile, split: str = "test") -> float:
+    """The task's score (mean of ``correct``) on the profile's evaluation slice."""
+    return float(evaluate(model, tokenizer, task, profile, split)["correct"].mean())
+
+
+def scores(model, tokenizer, tasks: Sequence[str], profile: Profile, split: str = "test") -> dict[str, float]:
+    """``{task: score}`` on the profile's evaluation slice of each task."""
+    return {task: score(model, tokenizer, task, profile, split) for task in tasks}
 
 
 def token_blocks(texts: Sequence[str], tokenizer, seq_len: int) -> torch.Tensor:

@@ -48,10 +48,11 @@ def require_safetensors(folder: str | Path) -> None:
                          "model.save_pretrained(folder, safe_serialization=True).")
 
 
-def quantization_config(quantization: str | None, compute_dtype: torch.dtype):
-    """``BitsAndBytesConfig`` for ``nf4`` (4-bit NF4 with double quantization, as in QLoRA) or ``int8``."""
-    if quantization is None:
-        return None
+def quantization_config(quantization: "str | BitsAndBytesConfig | None", compute_dtype: torch.dtype):
+    """``BitsAndBytesConfig`` for ``nf4`` (4-bit NF4 with double quantization, as in QLoRA) or ``int8``;
+    a ``BitsAndBytesConfig`` is used as it is."""
+    if quantization is None or isinstance(quantization, BitsAndBytesConfig):
+        return quantization
     if quantization == "nf4":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                   bnb_4bit_compute_dtype=compute_dtype)
@@ -70,10 +71,11 @@ def load_tokenizer(profile: Profile, name: str | None = None):
     return tokenizer
 
 
-def load_model(profile: Profile, name: str | None = None, quantization: str | None = None):
+def load_model(profile: Profile, name: str | None = None, quantization: "str | BitsAndBytesConfig | None" = None):
     """(model, tokenizer) of ``name`` (default: the profile's base model) on the profile's device/dtype.
 
-    ``quantization`` is None, ``"nf4"`` or ``"int8"`` (bitsandbytes; works on CPU too).
+    ``quantization`` is None, ``"nf4"``, ``"int8"`` or your own ``BitsAndBytesConfig`` (bitsandbytes;
+    works on CPU too).
     """
     source = model_source(name or profile.base_model)
     require_safetensors(source)

@@ -103,6 +103,68 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
+TRAINING_OPTIONS = ("gc", "8bit")  # gradient checkpointing, 8-bit AdamW: "qlora+gc+8bit"
+
+
+@dataclass(frozen=True)
+class TrainingMethod:
+    """How a run trains, in one record: the PEFT method ``base`` (its weight format, ``peft`` config,
+    learning rate and callbacks: :data:`METHODS`), gradient checkpointing and 8-bit AdamW. Written
+    ``"qlora+gc+8bit"`` (:func:`parse_method`)."""
+
+    base: str
+    gradient_checkpointing: bool = False
+    adam_8bit: bool = False
+
+    @property
+    def label(self) -> str:
+        return self.base + ("+gc" if self.gradient_checkpointing else "") + ("+8bit" if self.adam_8bit else "")
+
+    @property
+    def peft(self) -> Method:
+        return get_method(self.base)
+
+    @property
+    def optimizer(self) -> str:
+        """The ``transformers`` ``optim`` name: bitsandbytes' 8-bit AdamW with ``+8bit``."""
+        return "adamw_bnb_8bit" if self.adam_8bit else "adamw_torch"
+
+
+def parse_method(method: "str | TrainingMethod", bases: tuple[str, ...] | None = None) -> TrainingMethod:
+    """``"qlora+gc+8bit"`` -> ``TrainingMethod("qlora", True, True)``; ``bases`` limits the PEFT
+    methods accepted (default: every one in :data:`METHODS`). Unknown parts raise ValueError."""
+    bases = bases or tuple(METHODS)
+    if isinstance(method, TrainingMethod):
+        parts = method
+    elif not isinstance(method, str) or not method:
+        raise ValueError(f"method must be a string like 'lora' or 'qlora+gc+8bit', got {method!r}")
+    else:
+        base, *options = method.lower().split("+")
+        if any(o not in TRAINING_OPTIONS for o in options):
+            base = ""  # reported below
+        parts = TrainingMethod(base, "gc" in options, "8bit" in options)
+    if parts.base not in bases:
+        raise ValueError(f"unknown method {method!r}: use one of {', '.join(bases)}, optionally with "
+                         f"'+gc' (gradient checkpointing) and/or '+8bit' (8-bit AdamW), e.g. 'qlora+gc+8bit'")
+    return parts
+
+
+def method_of(peft_config) -> Method:
+    """The method a ``peft`` config (or None: full fine-tuning) belongs to."""
+    if peft_config is None:
+        return METHODS["full"]
+    peft_type = str(getattr(peft_config.peft_type, "value", peft_config.peft_type)).lower()
+    if peft_type == "lora" and getattr(peft_config, "use_dora", False):
+        return METHODS["dora"]
+    return METHODS.get(peft_type, METHODS["lora"])
+
+
+def default_learning_rate(peft_config, profile: Profile) -> float:
+    """The one learning-rate policy: each method's ``lr`` (full fine-tuning the profile's
+    ``full_ft_learning_rate``, adapters its ``learning_rate``, IA3 ten times that)."""
+    return method_of(peft_config).lr(profile)
+
+
 def peft_config(method: str, profile: Profile, **overrides):
     """The ``peft`` config of ``method`` for ``profile`` (None for ``full`` and ``bottleneck``)."""
     entry = get_method(method)

@@ -18,17 +18,14 @@ class LengthGroupedBatches(torch.utils.data.Sampler):
     is sorted by length and cut into batches, and the batches are shuffled across the whole epoch
     (the one short batch, if any, comes last so that the data loader's batches stay aligned). Every
     row is seen once per epoch, as with random sampling, but a batch is padded to less than random
-    batches are. Padded tokens per real token on the ``code`` / ``sql`` tasks (batch 16): random 1.20 /
-    1.23; ``group=2`` 1.11 / 1.11; ``group=4`` 1.05 / 1.06; ``group=50`` (transformers' megabatches)
-    1.01 / 1.00. Unlike transformers' ``LengthGroupedSampler``, the batches of a group are not served
-    longest to shortest, which would give every run a length curriculum. The order depends only on
+    batches are (padding by group size: ``docs/measurements.md``). Unlike transformers'
+    ``LengthGroupedSampler``, the batches of a group are not served longest to shortest, which would
+    give every run a length curriculum. The order depends only on
     ``seed`` and the epoch, so a resumed run sees the batches an uninterrupted one would.
 
     Every profile uses ``group=4`` (``Profile.length_group``). Large groups change what training
-    reaches: a batch then holds rows of one length band, on the SQL task mostly one kind of query.
-    Measured on Lab 2's LoRA sweep of the micro model on SQL (100 steps, 6 settings): best execution
-    accuracy 0.72 with random batches, 0.70 with ``group=4``, 0.17 with ``group=50``. ``make bench``
-    measures the speed it buys.
+    reaches: a batch then holds rows of one length band, on the SQL task mostly one kind of query
+    (``docs/measurements.md``). ``make bench`` measures the speed it buys.
     """
 
     def __init__(self, lengths: list[int], batch_size: int, seed: int, group: int = 4) -> None:
@@ -90,8 +87,8 @@ def trained_positions_loss(model, inputs: dict, num_items_in_batch: torch.Tensor
 
     with :math:`N` = ``num_items_in_batch`` (the trained tokens of the whole accumulated batch, as
     transformers' loss divides by it) or, when None, the trained tokens of this batch. Equal to the
-    model's loss in value and gradients (tested); on the ``code`` task, where 45% of the real tokens
-    are trained, a training step is about 7% faster on CPU (``make bench``). ``model`` must pass
+    model's loss in value and gradients (tested), cheaper where few positions are trained
+    (``docs/measurements.md``, ``make bench``). ``model`` must pass
     :func:`supports_trained_positions_loss`.
     """
     base = unwrap_peft(model)

@@ -32,7 +32,7 @@ from labhelpers import profiles
 from labhelpers.data import FORMAT_COLUMNS, row_format, sft_dataset, tokenize_rows
 from labhelpers.memory import check_fits, measure_peak_memory
 from labhelpers.models import count_parameters, load_model, unwrap_peft
-from labhelpers.peft_methods import callbacks_for
+from labhelpers.peft_methods import TrainingMethod, callbacks_for, default_learning_rate
 from labhelpers.peft_methods import peft_config as make_peft_config
 from labhelpers.profiles import Profile
 from labhelpers.trainer_speedups import LengthGroupedBatches, supports_trained_positions_loss, trained_positions_loss
@@ -202,9 +202,9 @@ def _heap_frozen(frozen: bool):
     """Freeze the objects that exist before training (``gc.freeze``) while it runs, when ``frozen``.
 
     ``Trainer.train`` starts with accelerate's ``free_memory``, a full ``gc.collect()`` meant to hand
-    accelerator memory back; on a CPU it only costs time, and in a notebook process holding datasets
-    and earlier runs it cost 9.8 s of Lab 2's 305 s (py-spy, ~0.3 s per run). Frozen objects are
-    skipped by the collector; they are unfrozen, and collectable again, when training ends."""
+    accelerator memory back; on a CPU it only costs time, and much of it in a notebook process holding
+    datasets and earlier runs (``docs/measurements.md``). Frozen objects are skipped by the collector;
+    they are unfrozen, and collectable again, when training ends."""
     if not frozen:
         yield
         return
@@ -275,8 +275,9 @@ def warn_if_too_large(model, peft_config, profile: Profile, overrides: dict) -> 
     with a :class:`~labhelpers.memory.DoesNotFitWarning` if the device cannot hold it."""
     quantized = any(getattr(p, "quant_state", None) is not None for p in model.parameters())
     base = "full" if peft_config is None else ("qlora" if quantized else "lora")
-    gc = overrides.get("activation_checkpointing", profile.gradient_checkpointing)
-    method = base + ("+gc" if gc else "") + ("+8bit" if "8bit" in str(overrides.get("optim", "")) else "")
+    method = TrainingMethod(base, gradient_checkpointing=overrides.get("activation_checkpointing",
+                                                                       profile.gradient_checkpointing),
+                            adam_8bit="8bit" in str(overrides.get("optim", "")))
     check_fits(model, method, overrides.get("per_device_train_batch_size", profile.batch_size),
                overrides.get("max_length") or profile.max_seq_length, profile.device, profile.dtype,
                lora_r=getattr(peft_config, "r", None) or profile.lora_r)
@@ -290,7 +291,8 @@ def fine_tune(model, tokenizer, rows, profile: Profile, steps: int, learning_rat
     ``assistant_only_loss``, completion rows with ``completion_only_loss``); plain text and rows of
     several formats are tokenized first (:func:`labhelpers.data.tokenize_rows`: the same masks, and
     long text is cut into pieces instead of truncated). Full fine-tuning uses the profile's
-    ``full_ft_learning_rate`` unless told otherwise, PEFT its ``learning_rate``.
+    ``full_ft_learning_rate`` unless told otherwise, PEFT its ``learning_rate``
+    (:func:`labhelpers.peft_methods.default_learning_rate`).
     Returns the :class:`~labhelpers.training.TrainResult`.
     """
     from datasets import Dataset
@@ -304,7 +306,7 @@ def fine_tune(model, tokenizer, rows, profile: Profile, steps: int, learning_rat
             dataset = Dataset.from_list([{c: row[c] for c in columns} for row in rows])
         else:
             dataset = Dataset.from_list(tokenize_rows(rows, tokenizer, profile.max_seq_length))
-    lr = learning_rate or (profile.learning_rate if peft_config is not None else profile.full_ft_learning_rate)
+    lr = learning_rate or default_learning_rate(peft_config, profile)
     return train_sft(model, tokenizer, dataset, profile, peft_config=peft_config, loss_penalty=loss_penalty,
                      max_steps=steps, learning_rate=lr, warmup_steps=max(1, steps // 20))
 
@@ -313,8 +315,6 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m labhelpers.training --task code --steps 40 --save-steps 10 --out DIR``: a resumable
     run of the profile's base model (full fine-tuning, or ``--method lora``); run it again after an
     interruption and it continues from the last checkpoint. Writes ``DIR/result.json``."""
-
-
     parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
     parser.add_argument("--task", default="code")
     parser.add_argument("--profile", default="ci")
@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = Dataset.from_list(task_rows(args.task, "train"))
     result = train_sft(model, tokenizer, rows, profile, peft_config=config, checkpoint_dir=args.out / "checkpoints",
-                       save_steps=args.save_steps, learning_rate=profile.learning_rate if config else profile.full_ft_learning_rate)
+                       save_steps=args.save_steps, learning_rate=default_learning_rate(config, profile))
     curve = result.loss_curve
     report = {"final_loss": result.final_loss, "last_step": int(curve["step"].iloc[-1]),
               "last_step_loss": float(curve["loss"].iloc[-1]), "losses": curve.to_dict("list"), "steps": result.steps}

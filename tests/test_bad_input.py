@@ -4,46 +4,40 @@ fix, nothing crashes, and nothing half-written is left behind (table-driven)."""
 from __future__ import annotations
 
 import copy
-import pickle
 from pathlib import Path
 
 import pytest
 import torch
 
-from labhelpers import chat, continual, data, memory, merging, models, peft_methods, profiles, quantization, results, sandbox
+from helpers import PICKLE_RAN, malicious_pickle, tiny_checkpoint
+from labhelpers import (
+    chat,
+    continual,
+    data,
+    memory,
+    merging,
+    models,
+    peft_methods,
+    profiles,
+    quantization,
+    results,
+    sandbox,
+)
 from labhelpers.tasks import get_task
 
 CHAT = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
 
 
-class Payload:
-    """Unpickling this runs a command: the reason pickles are refused."""
-
-    def __reduce__(self):
-        import os
-
-        return os.system, ("touch /tmp/sftlabs-pickle-ran",)
-
-
-def _tiny_checkpoint(folder: Path, shape=(4, 4), scale=1.0) -> Path:
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({"w": torch.ones(shape) * scale, "b": torch.zeros(shape[0])}, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text('{"model_type": "llama"}')
-    return folder
-
-
 def _truncated(tmp: Path) -> None:
-    a, b = _tiny_checkpoint(tmp / "a"), _tiny_checkpoint(tmp / "b", scale=2.0)
+    a, b = tiny_checkpoint(tmp / "a"), tiny_checkpoint(tmp / "b", scale=2.0)
     raw = (b / "model.safetensors").read_bytes()
     (b / "model.safetensors").write_bytes(raw[:-20])
     merging.merge_checkpoints([a, b], tmp / "out", "linear")
 
 
 def _pickle_as_safetensors(tmp: Path) -> None:
-    a, b = _tiny_checkpoint(tmp / "a"), _tiny_checkpoint(tmp / "b")
-    (b / "model.safetensors").write_bytes(pickle.dumps(Payload()))
+    a, b = tiny_checkpoint(tmp / "a"), tiny_checkpoint(tmp / "b")
+    (b / "model.safetensors").write_bytes(malicious_pickle())
     merging.merge_checkpoints([a, b], tmp / "out", "linear")
 
 
@@ -51,12 +45,12 @@ def _pickle_only_model(tmp: Path) -> None:
     folder = tmp / "pickled"
     folder.mkdir()
     (folder / "config.json").write_text('{"model_type": "llama"}')
-    (folder / "pytorch_model.bin").write_bytes(pickle.dumps(Payload()))
+    (folder / "pytorch_model.bin").write_bytes(malicious_pickle())
     models.load_model(profiles.get("ci"), str(folder))
 
 
 def _mismatched(tmp: Path) -> None:
-    merging.merge_checkpoints([_tiny_checkpoint(tmp / "a"), _tiny_checkpoint(tmp / "b", shape=(4, 5))], tmp / "out",
+    merging.merge_checkpoints([tiny_checkpoint(tmp / "a"), tiny_checkpoint(tmp / "b", shape=(4, 5))], tmp / "out",
                               "linear")
 
 
@@ -96,7 +90,7 @@ CASES = {
     # configuration
     "unknown profile": (lambda t, tok: profiles.get("gpu-1tb"), "unknown profile 'gpu-1tb'", "valid profiles"),
     "unknown PEFT method": (lambda t, tok: peft_methods.peft_config("magic", profiles.get("ci")), "unknown PEFT method", "valid methods"),
-    "unknown memory method": (lambda t, tok: memory.parse_method("lora+turbo"), "unknown method", "'\\+gc'"),
+    "unknown memory method": (lambda t, tok: peft_methods.parse_method("lora+turbo"), "unknown method", "'\\+gc'"),
     "LoRA rank 0": (lambda t, tok: peft_methods.peft_config("lora", profiles.get("ci"), r=0), "rank r must be a positive", "positive integer"),
     "negative LoRA alpha": (lambda t, tok: peft_methods.peft_config("lora", profiles.get("ci"), lora_alpha=-4), "lora_alpha", "must be positive"),
     "LoRA dropout 1": (lambda t, tok: peft_methods.peft_config("lora", profiles.get("ci"), lora_dropout=1.0), "lora_dropout", "\\[0, 1\\)"),
@@ -137,7 +131,7 @@ def test_bad_input_is_named_with_its_fix(case, tmp_path, tokenizer, monkeypatch)
     assert not (tmp_path / "out").exists(), case
     assert not list(tmp_path.glob(".out.partial-*")), case
     assert not (tmp_path / "results" / "lab" / "metrics.json").exists(), case
-    assert not Path("/tmp/sftlabs-pickle-ran").exists(), "a pickle was unpickled"
+    assert not PICKLE_RAN.exists(), "a pickle was unpickled"
 
 
 def test_there_are_at_least_25_cases():

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from helpers import RELEASED_NOTEBOOKS
 from labhelpers.paths import REPO_ROOT, build_dir
-from labhelpers.course.runner import discover
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-LABS = discover(REPO_ROOT / "labs")
+LABS = RELEASED_NOTEBOOKS
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
 

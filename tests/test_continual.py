@@ -12,8 +12,10 @@ import torch
 import reference_solutions as ref
 from labhelpers import continual, profiles
 from labhelpers.data import IGNORE_INDEX, check_assistant_labels, tokenize_rows, validate_rows
+from labhelpers.labs import lab2
 from labhelpers.models import load_model, load_tokenizer
-from labhelpers.tasks import sql
+from labhelpers.tasks import sql, task_rows
+from labhelpers.training import fine_tune
 
 CI = profiles.get("ci")
 
@@ -84,9 +86,9 @@ def test_replay_mix_has_the_requested_fraction(tokenizer):
 def test_domain_texts_hold_no_questions():
     docs = continual.domain_texts()
     assert any("CREATE TABLE employees" in d for d in docs) and any("-- query log" in d for d in docs)
-    questions = {r["messages"][0]["content"] for r in continual.task_rows("sql", "train")}
+    questions = {r["messages"][0]["content"] for r in task_rows("sql", "train")}
     assert not any(q in d for q in questions for d in docs)
-    tests = {r["messages"][1]["content"] for r in continual.task_rows("sql", "test")}
+    tests = {r["messages"][1]["content"] for r in task_rows("sql", "test")}
     assert not any(t in d for t in tests for d in docs)  # no test query leaks into the domain text
 
 
@@ -186,7 +188,7 @@ def test_sql_format_report():
 def test_best_settings_picks_the_top_score_per_model():
     sweep = pd.DataFrame({"model": ["m", "m", "t", "t"], "params": [1, 1, 2, 2], "learning_rate": [1, 2, 1, 2],
                           "r": [2, 2, 2, 2], "score": [0.5, 0.7, 0.9, 0.9], "final_loss": [1.0, 1.0, 0.5, 0.4]})
-    best = continual.best_settings(sweep)
+    best = lab2.best_settings(sweep)
     assert best["model"].tolist() == ["m", "t"] and best["learning_rate"].tolist() == [2, 2]
 
 
@@ -194,7 +196,7 @@ def test_a_trained_model_can_be_copied():
     # TRL patches the trained model's forward with a closure over the original; a deepcopy (wise_ft)
     # would then run the original's weights. train_sft removes the patch.
     model, tokenizer = load_model(CI)
-    run = continual.fine_tune(model, tokenizer, continual.task_rows("sql", "train", 32), CI.with_(batch_size=4), 2)
+    run = fine_tune(model, tokenizer, task_rows("sql", "train", 32), CI.with_(batch_size=4), 2)
     copy_ = continual.wise_ft(run.model, run.model, 1.0)
     with torch.no_grad():
         for p in copy_.parameters():
@@ -209,12 +211,12 @@ def _distance(model, anchor) -> float:
 
 def test_the_penalty_reaches_training_and_holds_weights_near_the_base():
     profile = CI.with_(batch_size=4)
-    rows = continual.task_rows("sql", "train", 64)
+    rows = task_rows("sql", "train", 64)
     distances = {}
     for strength in (0.0, 100.0):
         model, tokenizer = load_model(profile)
         anchor = continual.snapshot(model)
-        run = continual.fine_tune(model, tokenizer, rows, profile, 8,
+        run = fine_tune(model, tokenizer, rows, profile, 8,
                                   loss_penalty=continual.penalty_fn(anchor, strength) if strength else None)
         distances[strength] = _distance(run.model, anchor)
     assert distances[100.0] < distances[0.0] / 2

@@ -7,12 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from helpers import FIXTURES, SOLUTION_NOTEBOOKS
 from labhelpers.course import grading
 from labhelpers.paths import REPO_ROOT
-from labhelpers.course.runner import discover
 
-FIXTURES = Path(__file__).parent / "fixtures"
-SOLUTION_LABS = [p.stem for p in discover(REPO_ROOT / "solutions")]
+SOLUTION_LABS = [p.stem for p in SOLUTION_NOTEBOOKS]
 
 
 def _check_round_trip(scores: dict) -> None:

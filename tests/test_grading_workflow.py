@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from helpers import FIXTURES
 from labhelpers.course import grading
 
-FIXTURES = Path(__file__).parent / "fixtures"
 LAB = "demo_lab"
 GOOD = {"mean_of": "def mean_of(xs):\n    return sum(xs) / len(xs)\n",
         "largest": "def largest(xs):\n    best = xs[0]\n    for x in xs:\n        best = x if x > best else best\n    return best\n"}

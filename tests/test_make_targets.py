@@ -22,9 +22,10 @@ from pathlib import Path
 
 import pytest
 
+from helpers import FIXTURES
 from labhelpers.paths import REPO_ROOT
 
-FIXTURE_LAB = Path(__file__).parent / "fixtures" / "demo_lab" / "demo_lab.ipynb"
+FIXTURE_LAB = FIXTURES / "demo_lab" / "demo_lab.ipynb"
 VENV = Path(sys.prefix)
 # every target the README names -> the test that runs it through make
 COVERED = {"labs": "test_make_labs_from_a_scratch_checkout", "test": ".ci/run", "setup": "scratch_repo",

@@ -254,3 +254,28 @@ def test_mergekit_config_round_trips_through_yaml():
     with pytest.raises(ValueError, match="needs base="):
         merging.mergekit_config("task_arithmetic", ["a", "b"])
     assert json.dumps(config)  # plain data only
+
+
+def test_a_new_merge_method_is_one_registered_class(monkeypatch):
+    class Midpoint(merging.MergeMethod):
+        name, n_models = "midpoint", 2
+
+        def apply(self, name, base, experts, knobs):
+            return (experts[0] + experts[1]) / 2
+
+    monkeypatch.setitem(merging.REGISTRY, "midpoint", Midpoint())
+    a, b = torch.zeros(3, dtype=torch.bfloat16), torch.full((3,), 2.0, dtype=torch.bfloat16)
+    out = merging.merge_tensor("midpoint", "w", None, [a, b])
+    assert out.dtype == torch.bfloat16 and torch.equal(out, torch.ones(3, dtype=torch.bfloat16))
+    merging.check_merge("midpoint", 2, False, {})
+    with pytest.raises(ValueError, match="got 3 models"):
+        merging.check_merge("midpoint", 3, False, {})
+    assert "midpoint" in merging.mergekit_config("midpoint", ["a", "b"])
+    with pytest.raises(ValueError, match="unknown merge method 'magic'; valid: linear, .*midpoint"):
+        merging.get_method("magic")
+
+
+def test_registry_says_what_each_method_needs():
+    assert merging.METHODS == ("linear", "task_arithmetic", "slerp", "ties", "dare")
+    assert {m for m, needs in merging.NEEDS_BASE.items() if needs} == {"task_arithmetic", "ties", "dare"}
+    assert all(merging.get_method(m).name == m for m in merging.METHODS)

@@ -7,15 +7,12 @@ in ``solutions/`` without an entry in ``EFFECTS`` fails: "cells ran" is not enou
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Callable
 
 import pytest
 
-from labhelpers.paths import REPO_ROOT
+from helpers import FIXTURES, RELEASED_NOTEBOOKS, SOLUTION_NOTEBOOKS
 from labhelpers.course.runner import discover, run_lab
-
-FIXTURES = Path(__file__).parent / "fixtures"
 
 
 def _demo(metrics: dict) -> None:
@@ -95,7 +92,7 @@ def _lab4(m: dict) -> None:
 
 EFFECTS: dict[str, Callable[[dict], None]] = {"demo_lab": _demo, "lab1_peft": _lab1, "lab2_domain": _lab2,
                                               "lab3_merging": _lab3, "lab4_memory": _lab4}
-NOTEBOOKS = discover(FIXTURES) + discover(REPO_ROOT / "solutions")
+NOTEBOOKS = discover(FIXTURES) + SOLUTION_NOTEBOOKS
 
 
 @pytest.mark.slow
@@ -108,7 +105,7 @@ def test_notebook_runs_and_shows_its_effect(notebook, tmp_path):
     assert (tmp_path / notebook.stem / notebook.name).exists()
 
 
-@pytest.mark.parametrize("notebook", NOTEBOOKS + discover(REPO_ROOT / "labs"), ids=lambda p: str(p.parent.name))
+@pytest.mark.parametrize("notebook", NOTEBOOKS + RELEASED_NOTEBOOKS, ids=lambda p: str(p.parent.name))
 def test_notebook_conventions(notebook):
     nb = json.loads(notebook.read_text())
     code_cells = [c for c in nb["cells"] if c["cell_type"] == "code"]

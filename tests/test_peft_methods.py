@@ -72,22 +72,43 @@ def test_compare_methods_measures_every_column(ci_profile):
     assert lora["saved_mib"] < full["saved_mib"] / 10 and adapter["saved_mib"] < full["saved_mib"] / 10
 
 
-def test_training_memory_guidance_uses_lab4_bytes_and_picks_the_best_method_that_fits():
+def test_training_memory_guidance_uses_lab4_estimator_and_picks_the_best_method_that_fits():
     import pandas as pd
 
     from labhelpers import memory
     from labhelpers.labs import lab1
 
-    n = 7e9
-    full = lab1.estimate_training_gib(n, 1.0, None)
-    assert full == pytest.approx(n * (2 + 16) / 2**30, rel=1e-6)  # bf16 weights + fp32 copy, gradient, 2 moments
-    qlora = lab1.estimate_training_gib(n, 0.005, "nf4")
-    assert qlora == pytest.approx((memory.nf4_bytes(int(n)) + 16 * n * 0.005) / 2**30, rel=1e-6)
-    assert 0.51 < memory.nf4_bytes(int(n)) / n < 0.52  # 4 bits + one byte per 64 + one fp32 per 16384
+    assert [lab1.memory_method(m) for m in ("full", "lora", "qlora", "dora", "ia3", "bottleneck")] == \
+        ["full", "lora", "qlora", "lora", "lora", "lora"]
     comparison = pd.DataFrame([{"method": "full", "trainable_pct": 100.0, "score_test": 0.9},
                                {"method": "lora", "trainable_pct": 0.5, "score_test": 0.8},
                                {"method": "qlora", "trainable_pct": 0.5, "score_test": 0.7}])
-    table = lab1.gpu_guidance(comparison, model_sizes_b=(7.0,), gpus_gib=(8, 16, 24, 200))
+    estimates = lab1.memory_estimates(comparison, sizes=("7B",), seq_len=1024)
+    plan = memory.plan("7B", 80, methods=("full", "lora", "qlora"), seq_len=1024).set_index("method")
+    assert estimates["7B (GB)"].to_dict() == pytest.approx(plan["peak (GB)"].round(1).to_dict())
+    table = lab1.gpu_guidance(comparison, sizes=("7B",), gpus_gb=(8, 16, 24, 200), seq_len=1024)
     row = table.iloc[0]
-    assert row["8GB"].startswith("qlora") and row["16GB"].startswith("qlora")  # LoRA needs 13.6 GiB > 0.7 x 16
-    assert row["24GB"].startswith("lora") and row["200GB"].startswith("full")
+    fits = {gpu: plan["peak (GB)"] <= 0.9 * gpu for gpu in (8, 16, 24, 200)}
+    assert not fits[8].any() and row["8 GB"] == "none fits"
+    assert fits[16]["qlora"] and not fits[16]["lora"] and row["16 GB"].startswith("qlora")
+    assert fits[24]["lora"] and not fits[24]["full"] and row["24 GB"].startswith("lora")
+    assert row["200 GB"].startswith("full")
+
+
+def test_one_training_method_record_and_one_learning_rate_policy(ci_profile):
+    from labhelpers import memory, peft_methods
+
+    m = peft_methods.parse_method("QLoRA+gc+8bit")
+    assert (m.base, m.gradient_checkpointing, m.adam_8bit, m.label) == ("qlora", True, True, "qlora+gc+8bit")
+    assert m.optimizer == "adamw_bnb_8bit" and m.peft.quantization == "nf4"
+    assert peft_methods.parse_method("dora").optimizer == "adamw_torch"
+    with pytest.raises(ValueError, match="use one of full, lora, qlora, optionally"):
+        memory.estimate_training_step("1B", "dora", 1, 16)  # the estimator models these three only
+    lr = peft_methods.default_learning_rate
+    assert lr(None, ci_profile) == ci_profile.full_ft_learning_rate
+    assert lr(peft_config("lora", ci_profile), ci_profile) == ci_profile.learning_rate
+    assert lr(peft_config("dora", ci_profile), ci_profile) == ci_profile.learning_rate
+    assert lr(peft_config("ia3", ci_profile), ci_profile) == 10 * ci_profile.learning_rate
+    for name in ("full", "lora", "ia3"):
+        prepared_lr = peft_methods.get_method(name).lr(ci_profile)
+        assert lr(peft_config(name, ci_profile), ci_profile) == prepared_lr  # prepare() and fine_tune agree

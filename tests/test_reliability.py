@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 import pickle
 import signal
 import subprocess
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import PICKLE_RAN, malicious_pickle
 from labhelpers.paths import REPO_ROOT
 
 STEPS, SAVE_EVERY, KILL_AFTER = 40, 8, "checkpoint-16"
@@ -87,19 +87,10 @@ def test_every_torch_load_is_weights_only():
                     f"{path.name}:{node.lineno} calls torch.load without weights_only=True"
 
 
-class _Payload:
-    def __reduce__(self):
-        return os.system, (f"touch {_MARK}",)
-
-
-_MARK = "/tmp/sftlabs-malicious-pickle-ran"
-
-
 def test_a_malicious_pickle_is_refused(tmp_path, ci_profile):
     from labhelpers.models import load_model
 
-    Path(_MARK).unlink(missing_ok=True)
-    blob = pickle.dumps(_Payload())
+    blob = malicious_pickle()
     (tmp_path / "evil.pt").write_bytes(blob)
     with pytest.raises(pickle.UnpicklingError):
         torch.load(tmp_path / "evil.pt", weights_only=True)  # what any torch.load of ours does
@@ -109,4 +100,4 @@ def test_a_malicious_pickle_is_refused(tmp_path, ci_profile):
     (folder / "pytorch_model.bin").write_bytes(blob)
     with pytest.raises(ValueError, match="only as pickles"):
         load_model(ci_profile, str(folder))
-    assert not Path(_MARK).exists(), "the payload ran"
+    assert not PICKLE_RAN.exists(), "the payload ran"

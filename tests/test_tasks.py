@@ -2,13 +2,11 @@
 
 import filecmp
 import random
-from pathlib import Path
 
 import pytest
 
-from labhelpers.tasks import corpus
 from labhelpers.paths import data_dir
-from labhelpers.tasks import TASKS, arithmetic, code, get_task, load_split, read_jsonl, sql, write_all
+from labhelpers.tasks import TASKS, arithmetic, code, corpus, get_task, load_split, read_jsonl, sql, write_all
 
 
 def _prompt(row):

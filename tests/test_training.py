@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from labhelpers.evaluation import evaluate_task
+from labhelpers.evaluation import score
 from labhelpers.models import load_model
 from labhelpers.paths import build_dir
 from labhelpers.peft_methods import peft_config
@@ -27,7 +27,7 @@ def _record(**values) -> None:
 
 
 def _score(model, tokenizer, task, split, profile) -> float:
-    return float(evaluate_task(model, tokenizer, task, split, profile.n_eval, profile.eval_batch_size)["correct"].mean())
+    return score(model, tokenizer, task, profile, split)
 
 
 @pytest.fixture(scope="module")

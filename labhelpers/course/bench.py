@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from labhelpers import memory, profiles
+from labhelpers import profiles
 from labhelpers import quantization as Q
 from labhelpers.course.runner import run_labs
 from labhelpers.data import tokenize_rows
@@ -234,17 +234,7 @@ def bench_quantization(shape=(4096, 4096), repeats: int = 3) -> dict:
 
 # -------------------------------------------------------------------------------------------- memory
 def bench_memory(profile) -> list[dict]:
-    arch = memory.profile_architecture(profile)
-    batch = memory.make_batch(arch.vocab, profile.batch_size, profile.max_seq_length, device=profile.device)
-    rows = []
-    for method in ("full", "lora", "qlora", "qlora+gc+8bit"):
-        model, optimizer = lab4.setup_training(method, profile)
-        measured = memory.measure_training_step(model, batch, optimizer)
-        estimated = memory.estimate_for_profile(profile, method)
-        rows.append({"method": method, "measured_peak_mib": to_mib(measured.peak),
-                     "estimated_peak_mib": to_mib(estimated.peak), "estimate_over_measured": estimated.peak / measured.peak,
-                     "measured_total_mib": to_mib(measured.total), "estimated_total_mib": to_mib(estimated.total)})
-    return rows
+    return lab4.measured_vs_estimated(profile).drop(columns="seconds_per_step").to_dict("records")
 
 
 # ----------------------------------------------------------------------------------------- notebooks

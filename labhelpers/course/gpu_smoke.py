@@ -1,7 +1,8 @@
 """``make gpu-smoke``: each lab's core path in the ``t4`` profile, shortened, on a CUDA machine.
 
-Writes ``build/gpu-smoke.json``: per lab the wall time, peak GPU memory (``torch.cuda``), time per
-training step and scores. Meant to finish in under 8 minutes on one modern GPU (hub models must be
+Writes ``build/gpu-smoke.json``: per lab the wall time, peak memory
+(:func:`labhelpers.memory.measure_peak_memory`: on CUDA ``torch.cuda.max_memory_allocated``, on the
+CPU the resident set), time per training step and scores. Meant to finish in under 8 minutes on one modern GPU (hub models must be
 downloadable or cached there). ``--dry-run`` runs the very same code on the CPU with the ``smoke``
 profile (the test suite does this), so the script cannot rot where no GPU is around.
 
@@ -20,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from labhelpers import memory, merging, profiles
+from labhelpers import merging, profiles
+from labhelpers.memory import measure_peak_memory
 from labhelpers.continual import all_scores
 from labhelpers.labs import lab3, lab4
 from labhelpers.models import load_model
@@ -28,20 +30,6 @@ from labhelpers.paths import build_dir
 from labhelpers.labs.lab1 import compare_methods
 from labhelpers.tasks import task_rows
 from labhelpers.training import fine_tune
-from labhelpers.units import to_mib
-
-
-def _peak_reset(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def _peak_mib(device: str) -> float | None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        return to_mib(torch.cuda.max_memory_allocated())
-    return None
 
 
 def smoke_lab1(profile) -> dict:
@@ -67,17 +55,8 @@ def smoke_lab3(profile, work: Path) -> dict:
 
 
 def smoke_lab4(profile) -> dict:
-    arch = memory.profile_architecture(profile)
-    batch = memory.make_batch(arch.vocab, profile.batch_size, profile.max_seq_length, device=profile.device)
-    out = {}
-    for method in ("full", "lora", "qlora+gc"):
-        model, optimizer = lab4.setup_training(method, profile)
-        measured = memory.measure_training_step(model, batch, optimizer)
-        estimated = memory.estimate_for_profile(profile, method)
-        out[method] = {"peak_mib": to_mib(measured.peak), "estimate_over_measured": estimated.peak / measured.peak,
-                       "sec_per_step": measured.details["seconds"]}
-        del model, optimizer
-    return out
+    table = lab4.measured_vs_estimated(profile, ("full", "lora", "qlora+gc"))
+    return {row.pop("method"): row for row in table.to_dict("records")}
 
 
 def smoke_profile(dry_run: bool):
@@ -102,11 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="sftlabs-gpu-smoke-") as tmp:
         for name, fn in (("lab1_peft", smoke_lab1), ("lab2_domain", smoke_lab2),
                          ("lab3_merging", lambda p: smoke_lab3(p, Path(tmp))), ("lab4_memory", smoke_lab4)):
-            _peak_reset(profile.device)
             start = time.perf_counter()
-            result = fn(profile)
-            report["labs"][name] = {"seconds": time.perf_counter() - start, "peak_gpu_mib": _peak_mib(profile.device),
-                                    **result}
+            with measure_peak_memory(profile.device) as peak:  # CUDA: max_memory_allocated; CPU: resident set
+                result = fn(profile)
+            report["labs"][name] = {"seconds": time.perf_counter() - start, "peak_mib": peak.peak_mib, **result}
             print(f"{name}: {report['labs'][name]['seconds']:.0f} s", flush=True)
     report["seconds"] = time.perf_counter() - started
     args.out.parent.mkdir(parents=True, exist_ok=True)

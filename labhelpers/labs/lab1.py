@@ -11,14 +11,14 @@ import pandas as pd
 import torch
 
 from labhelpers.adapters import adapter_state_dict, save_adapters
-from labhelpers.evaluation import evaluate_task
-from labhelpers.memory import adam_state_bytes, nf4_bytes
+from labhelpers.evaluation import evaluate
+from labhelpers.memory import plan_grid
 from labhelpers.models import load_model
 from labhelpers.peft_methods import get_method, prepare
 from labhelpers.profiles import Profile
 from labhelpers.tasks import load_split
 from labhelpers.training import train_sft
-from labhelpers.units import GiB, files_mib
+from labhelpers.units import files_mib
 
 
 def saved_size_mib(model, adapter_only: bool) -> float:
@@ -56,7 +56,7 @@ def compare_methods(methods: list[str], profile: Profile, task: str = "code", ad
             row["loss_curve"] = result.loss_curve
         for split in ("test", "heldout"):
             try:
-                scored = evaluate_task(result.model, tokenizer, task, split, profile.n_eval, profile.eval_batch_size)
+                scored = evaluate(result.model, tokenizer, task, profile, split)
             except FileNotFoundError:
                 continue  # only some tasks have a held-out slice
             row[f"score_{split}"] = float(scored["correct"].mean())
@@ -70,39 +70,49 @@ def compare_methods(methods: list[str], profile: Profile, task: str = "code", ad
     return (df, kept) if keep else df
 
 
-def estimate_training_gib(n_params: float, trainable_fraction: float, quantization: str | None) -> float:
-    """Weights + gradients + optimizer states in GiB (activations are excluded: Lab 4 measures them).
-
-    Frozen weights in 16 bits, or NF4 with double quantization (``quantization="nf4"``); trainable
-    parameters in fp32 with an fp32 gradient and AdamW's two moments. The bytes come from Lab 4's
-    estimator (:func:`labhelpers.memory.nf4_bytes`, :func:`labhelpers.memory.adam_state_bytes`), here
-    for a model seen as one tensor of ``n_params`` values."""
-    trainable = round(n_params * trainable_fraction)
-    weights = nf4_bytes(round(n_params)) if quantization == "nf4" else 2 * n_params
-    return (weights + 8 * trainable + adam_state_bytes([trainable], adam_8bit=False)) / GiB
+def memory_method(peft_method: str) -> str:
+    """The method Lab 4's estimator knows that has ``peft_method``'s memory: ``full``; ``qlora`` for a
+    4-bit base; ``lora`` for every adapter method on a 16-bit base (their adapters, a few percent of
+    the parameters or less, are small next to the frozen weights and the activations)."""
+    method = get_method(peft_method)
+    if method.name == "full":
+        return "full"
+    return "qlora" if method.quantization == "nf4" else "lora"
 
 
-def gpu_guidance(comparison, model_sizes_b=(0.5, 1.5, 7.0, 13.0), gpus_gib=(8, 12, 16, 24),
-                 headroom: float = 0.7):
-    """For each model size and GPU, the best measured method whose estimate fits.
+def memory_estimates(comparison, sizes=("1B", "3B", "7B", "13B"), seq_len: int = 1024) -> pd.DataFrame:
+    """Estimated peak GB of one training step (batch 1, ``seq_len`` tokens, bf16, plus the CUDA
+    context) per method (rows) and model size (columns), from Lab 4's estimator (:func:`memory.plan`)
+    on the real architectures of those sizes."""
+    grid = _plan(comparison, sizes, (80,), seq_len)
+    return pd.DataFrame({f"{size} (GB)": [grid[(size, memory_method(m))]["peak (GB)"] for m in comparison["method"]]
+                         for size in sizes}, index=comparison["method"]).round(1)
 
-    Uses each method's *measured* trainable fraction and test score from ``comparison`` (the output
-    of :func:`compare_methods`) and its weight format; a method fits when weights + gradients +
-    optimizer states take at most ``headroom`` of the GPU (the rest is left for activations).
-    "best" = highest measured test score, then least memory.
+
+def gpu_guidance(comparison, sizes=("1B", "3B", "7B", "13B"), gpus_gb=(8, 12, 16, 24), seq_len: int = 1024):
+    """For each model size and GPU, the best measured method whose estimated peak fits.
+
+    Scores come from ``comparison`` (the output of :func:`compare_methods`); memory from
+    :func:`memory.plan_grid` (a method fits when its peak plus the CUDA context is at most 90% of the
+    GPU). "best" = highest measured test score, then least memory.
     """
+    grid = _plan(comparison, sizes, gpus_gb, seq_len)
     rows = []
-    for size in model_sizes_b:
-        row = {"model_params_b": size}
-        for gpu in gpus_gib:
-            fits = []
-            for rec in comparison.to_dict("records"):
-                need = estimate_training_gib(size * 1e9, rec["trainable_pct"] / 100, get_method(rec["method"]).quantization)
-                if need <= headroom * gpu:
-                    fits.append((-rec["score_test"], need, rec["method"]))
-            row[f"{gpu}GB"] = f"{min(fits)[2]} ({min(fits)[1]:.1f} GiB)" if fits else "none fits"
+    for size in sizes:
+        row = {"model": size}
+        for gpu in gpus_gb:
+            fits = [(-rec["score_test"], grid[(size, memory_method(rec["method"]))]["peak (GB)"], rec["method"])
+                    for rec in comparison.to_dict("records")
+                    if grid[(size, memory_method(rec["method"]))][f"fits {gpu} GB"]]
+            row[f"{gpu} GB"] = f"{min(fits)[2]} ({min(fits)[1]:.1f} GB)" if fits else "none fits"
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _plan(comparison, sizes, gpus_gb, seq_len: int) -> dict:
+    methods = sorted({memory_method(m) for m in comparison["method"]})
+    table = plan_grid(sizes=sizes, gpus=gpus_gb, methods=methods, seq_len=seq_len)
+    return {(rec["size"], rec["method"]): rec for rec in table.to_dict("records")}
 
 
 def save_reload_merge(peft_model, profile: Profile, folder) -> dict:
@@ -126,12 +136,3 @@ def save_reload_merge(peft_model, profile: Profile, folder) -> dict:
             "reload_max_abs_diff": (after_reload - trained).abs().max().item(),
             "merge_max_abs_diff": (after_merge - trained).abs().max().item(),
             "merged_model": merged}
-
-
-def memory_estimates(comparison, model_sizes_b=(0.5, 1.5, 7.0, 13.0)):
-    """GiB of weights + gradients + optimizer states per method (rows) and model size (columns),
-    from each method's measured trainable fraction and weight format."""
-    return pd.DataFrame({f"{size}B_gib": [estimate_training_gib(size * 1e9, rec["trainable_pct"] / 100,
-                                                                get_method(rec["method"]).quantization)
-                                          for rec in comparison.to_dict("records")]
-                         for size in model_sizes_b}, index=comparison["method"]).round(1)

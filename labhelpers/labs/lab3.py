@@ -12,7 +12,7 @@ from typing import Callable, Mapping, Sequence
 import pandas as pd
 from tqdm.auto import tqdm
 
-from labhelpers.evaluation import task_scores
+from labhelpers.evaluation import scores
 from labhelpers.merging import NEEDS_BASE, Checkpoint, merge_checkpoints
 from labhelpers.models import load_model, model_source
 from labhelpers.tasks import task_rows
@@ -43,7 +43,7 @@ def score_folder(folder: str | Path, profile, tasks: Sequence[str] = TASKS) -> d
     """Load a model folder on the profile's device and score it on ``tasks`` (test splits)."""
 
     model, tokenizer = load_model(profile, str(folder))
-    return task_scores(model, tokenizer, tasks, profile.n_eval, profile.eval_batch_size)
+    return scores(model, tokenizer, tasks, profile)
 
 
 def general_rows() -> list[dict]:

@@ -11,20 +11,18 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from labhelpers.memory import (
-    Method,
     StepMemory,
     estimate_for_profile,
     make_batch,
     measure_training_step,
-    parse_method,
     profile_architecture,
 )
 from labhelpers.labs.lab1 import compare_methods
-from labhelpers.peft_methods import prepare
+from labhelpers.peft_methods import TrainingMethod, parse_method, prepare
 from labhelpers.units import MiB
 
 
-def setup_training(method: "str | Method", profile, lora_r: int | None = None, learning_rate: float = 1e-4):
+def setup_training(method: "str | TrainingMethod", profile, lora_r: int | None = None, learning_rate: float = 1e-4):
     """(model, optimizer) ready to train with ``method`` on the profile's base model.
 
     ``full`` trains every weight; ``lora`` adds LoRA (the profile's targets, rank ``lora_r`` or the
@@ -44,7 +42,7 @@ def setup_training(method: "str | Method", profile, lora_r: int | None = None, l
         model.config.use_cache = False
         if m.base != "full":
             model.enable_input_require_grads()  # as prepare_model_for_kbit_training does for QLoRA
-    optimizer = make_optimizer("adamw_bnb_8bit" if m.adam_8bit else "adamw_torch",
+    optimizer = make_optimizer(m.optimizer,
                                (p for p in model.parameters() if p.requires_grad), lr=learning_rate)
     return model, optimizer
 
@@ -58,6 +56,24 @@ def _rows(method, measured: StepMemory, estimated: StepMemory | None, **keys) ->
         row["peak error (%)"] = 100 * (estimated.peak - measured.peak) / measured.peak
     row["seconds per step"] = measured.details["seconds"]
     return row
+
+
+def measured_vs_estimated(profile, methods=("full", "lora", "qlora", "qlora+gc+8bit")) -> pd.DataFrame:
+    """One training step of each method at the profile's batch size and maximum length, measured next
+    to :func:`memory.estimate_training_step`: peaks and totals (MiB), their ratio, seconds per step."""
+    arch = profile_architecture(profile)
+    batch = make_batch(arch.vocab, profile.batch_size, profile.max_seq_length, device=profile.device)
+    rows = []
+    for method in methods:
+        model, optimizer = setup_training(method, profile)
+        measured = measure_training_step(model, batch, optimizer)
+        estimated = estimate_for_profile(profile, method)
+        rows.append({"method": parse_method(method).label, "measured_peak_mib": measured.peak / MiB,
+                     "estimated_peak_mib": estimated.peak / MiB, "estimate_over_measured": estimated.peak / measured.peak,
+                     "measured_total_mib": measured.total / MiB, "estimated_total_mib": estimated.total / MiB,
+                     "seconds_per_step": measured.details["seconds"]})
+        del model, optimizer
+    return pd.DataFrame(rows)
 
 
 def breakdown_grid(profile, methods=("full", "lora", "qlora", "full+gc", "qlora+gc+8bit"),
@@ -163,7 +179,7 @@ def compare_efficiency(profile, methods=("full", "lora", "qlora", "qlora+gc+8bit
         m = parse_method(method)
         run_profile = profile.with_(gradient_checkpointing=m.gradient_checkpointing,
                                     max_steps=steps or profile.max_steps)
-        overrides = {"optim": "adamw_bnb_8bit"} if m.adam_8bit else {}
+        overrides = {"optim": m.optimizer} if m.adam_8bit else {}  # else SFTConfig's default AdamW
         trained = compare_methods([m.base], run_profile, task=task, overrides=overrides, curves=True)
         model, optimizer = setup_training(m, profile)
         step = measure_training_step(model, batch, optimizer)

@@ -18,14 +18,12 @@ from labhelpers.memory.architectures import (
     profile_architecture,
 )
 from labhelpers.memory.estimate import (
-    BASE_METHODS,
+    ESTIMATED_METHODS,
     ZERO_STAGES,
-    Method,
     adam_state_bytes,
     estimate_for_profile,
     estimate_training_step,
     nf4_bytes,
-    parse_method,
     zero_per_gpu,
 )
 from labhelpers.memory.measure import (
@@ -57,8 +55,8 @@ from labhelpers.memory.planner import (
 )
 
 __all__ = ["SIZE_LABELS", "Architecture", "architecture", "list_architectures", "profile_architecture",
-           "BASE_METHODS", "ZERO_STAGES", "Method", "adam_state_bytes", "estimate_for_profile", "estimate_training_step",
-           "nf4_bytes", "parse_method", "zero_per_gpu", "DTYPE_BYTES", "PeakMemory", "SavedActivations", "StepMemory",
+           "ESTIMATED_METHODS", "ZERO_STAGES", "adam_state_bytes", "estimate_for_profile", "estimate_training_step",
+           "nf4_bytes", "zero_per_gpu", "DTYPE_BYTES", "PeakMemory", "SavedActivations", "StepMemory",
            "gradient_bytes", "make_batch", "measure_peak_memory", "measure_training_step", "optimizer_state_bytes",
            "saved_activations", "tensor_bytes", "weight_bytes", "weight_tensors", "CUDA_CONTEXT_GB", "GPU_SIZES_GB",
            "PLAN_METHODS", "DoesNotFitError", "DoesNotFitWarning", "available_bytes", "check_fits", "plan", "plan_grid",

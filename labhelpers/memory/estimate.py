@@ -5,42 +5,13 @@ tables call it."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 from labhelpers.memory.architectures import Architecture, architecture, profile_architecture
 from labhelpers.memory.measure import DTYPE_BYTES, StepMemory, _check_positive
+from labhelpers.peft_methods import TrainingMethod, parse_method
 
 NF4_BLOCKSIZE, NESTED_BLOCKSIZE, ADAM8_BLOCKSIZE, ADAM8_MIN_SIZE = 64, 256, 256, 4096
-
-
-BASE_METHODS = ("full", "lora", "qlora")
-METHOD_OPTIONS = ("gc", "8bit")  # gradient checkpointing, 8-bit AdamW: "qlora+gc+8bit"
-
-
-@dataclass(frozen=True)
-class Method:
-    """A training method: ``base`` (full, lora, qlora), gradient checkpointing, 8-bit AdamW."""
-
-    base: str
-    gradient_checkpointing: bool = False
-    adam_8bit: bool = False
-
-    @property
-    def label(self) -> str:
-        return self.base + ("+gc" if self.gradient_checkpointing else "") + ("+8bit" if self.adam_8bit else "")
-
-
-def parse_method(method: "str | Method") -> Method:
-    """``"qlora+gc+8bit"`` -> ``Method("qlora", True, True)``; unknown parts raise ValueError."""
-    if isinstance(method, Method):
-        return method
-    if not isinstance(method, str) or not method:
-        raise ValueError(f"method must be a string like 'lora' or 'qlora+gc+8bit', got {method!r}")
-    base, *options = method.lower().split("+")
-    if base not in BASE_METHODS or any(o not in METHOD_OPTIONS for o in options):
-        raise ValueError(f"unknown method {method!r}: use one of {', '.join(BASE_METHODS)}, optionally with "
-                         f"'+gc' (gradient checkpointing) and/or '+8bit' (8-bit AdamW), e.g. 'qlora+gc+8bit'")
-    return Method(base, "gc" in options, "8bit" in options)
+ESTIMATED_METHODS = ("full", "lora", "qlora")  # the PEFT methods whose memory the estimator models
 
 
 def nf4_bytes(numel: int) -> int:
@@ -65,7 +36,7 @@ def adam_state_bytes(numels: list[int], adam_8bit: bool) -> int:
     return total
 
 
-def estimate_training_step(arch: "Architecture | str", method: "str | Method", batch_size: int, seq_len: int,
+def estimate_training_step(arch: "Architecture | str", method: "str | TrainingMethod", batch_size: int, seq_len: int,
                            dtype: str = "float32", lora_r: int = 16,
                            lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj",
                                                             "gate_proj", "up_proj", "down_proj"),
@@ -97,7 +68,7 @@ def estimate_training_step(arch: "Architecture | str", method: "str | Method", b
     gradient).
     """
     arch = arch if isinstance(arch, Architecture) else architecture(arch)
-    m = parse_method(method)
+    m = parse_method(method, ESTIMATED_METHODS)
     _check_positive(batch_size=batch_size, seq_len=seq_len)
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPE_BYTES)}")
@@ -155,7 +126,7 @@ def estimate_training_step(arch: "Architecture | str", method: "str | Method", b
                                "layer_activations": layer, "method": m.label})
 
 
-def estimate_for_profile(profile, method: "str | Method", batch_size: int | None = None,
+def estimate_for_profile(profile, method: "str | TrainingMethod", batch_size: int | None = None,
                          seq_len: int | None = None) -> StepMemory:
     """:func:`estimate_training_step` for the profile's base model, dtype and LoRA settings (rank,
     targets, dropout), at ``batch_size`` x ``seq_len`` (default: the profile's batch and maximum length)."""

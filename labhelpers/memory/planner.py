@@ -8,7 +8,8 @@ import pandas as pd
 import torch
 
 from labhelpers.memory.architectures import SIZE_LABELS, Architecture, architecture
-from labhelpers.memory.estimate import Method, estimate_training_step, parse_method
+from labhelpers.memory.estimate import estimate_training_step
+from labhelpers.peft_methods import TrainingMethod, parse_method
 from labhelpers.memory.measure import StepMemory, _check_positive
 from labhelpers.units import GiB
 
@@ -67,7 +68,7 @@ def available_bytes(device: str) -> int:
     return int(psutil.virtual_memory().available)
 
 
-def check_fits(model, method: "str | Method", batch_size: int, seq_len: int, device: str, dtype: str = "float32",
+def check_fits(model, method: "str | TrainingMethod", batch_size: int, seq_len: int, device: str, dtype: str = "float32",
                lora_r: int = 16, available: int | None = None) -> StepMemory:
     """Estimate a run's peak and warn (:class:`DoesNotFitWarning`) when ``device`` cannot hold it.
 
@@ -93,7 +94,7 @@ class DoesNotFitError(MemoryError):
     """A run's estimated peak memory exceeds what the device has free (see :func:`require_fits`)."""
 
 
-def require_fits(model, method: "str | Method", batch_size: int, seq_len: int, device: str, dtype: str = "float32",
+def require_fits(model, method: "str | TrainingMethod", batch_size: int, seq_len: int, device: str, dtype: str = "float32",
                  lora_r: int = 16, available: int | None = None) -> StepMemory:
     """Like :func:`check_fits`, but raise :class:`DoesNotFitError` (naming the need, the free memory
     and what to change) instead of warning."""

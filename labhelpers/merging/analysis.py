@@ -10,7 +10,7 @@ import torch
 
 from labhelpers.evaluation import retention
 from labhelpers.merging.io import Checkpoint, check_compatible
-from labhelpers.merging.methods import trim
+from labhelpers.merging.maths import trim
 
 
 def task_vectors(base: str | Path, experts: Mapping[str, str | Path], skip_embeddings: bool = False):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from labhelpers.merging.methods import _check_density, _check_knobs, _check_weights
+from labhelpers.merging.maths import _check_density, _check_weights
+from labhelpers.merging.methods import check_merge, get_method
 
 PEFT_COMBINATIONS = ("linear", "ties", "dare_ties")
 
@@ -39,31 +40,7 @@ def mergekit_config(method: str, models: Sequence[str], base: str | None = None,
     """
     import yaml
 
-    _check_knobs(method, len(models), base is not None, knobs)
-    weights = _check_weights(knobs.get("weights"), len(models))
-    config: dict = {}
-    if method == "slerp":
-        config = {"merge_method": "slerp", "base_model": str(models[0]),
-                  "models": [{"model": str(m)} for m in models], "parameters": {"t": float(knobs["t"])}}
-    else:
-        name = {"dare": "dare_ties" if knobs.get("sign_election") else "dare_linear"}.get(method, method)
-        entries = []
-        for model, weight in zip(models, weights):
-            params = {"weight": weight}
-            if method in ("ties", "dare"):
-                params["density"] = float(knobs["density"])
-            entries.append({"model": str(model), "parameters": params})
-        config = {"merge_method": name, "models": entries}
-        if base is not None:
-            config["base_model"] = str(base)
-        global_params = {}
-        if method == "linear":
-            global_params["normalize"] = True
-        if method in ("task_arithmetic", "ties", "dare"):
-            global_params["lambda"] = float(knobs.get("lam", 1.0))
-        if method == "ties":
-            global_params["normalize"] = True
-        if global_params:
-            config["parameters"] = global_params
+    check_merge(method, len(models), base is not None, knobs)
+    config = get_method(method).mergekit(models, _check_weights(knobs.get("weights"), len(models)), base, knobs)
     config["dtype"] = dtype
     return yaml.safe_dump(config, sort_keys=False)

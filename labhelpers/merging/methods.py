@@ -1,173 +1,193 @@
-"""The merge methods, per tensor: linear, task arithmetic, SLERP, TIES and DARE.
-
-Semantics (``base`` :math:`\\theta_0`, experts :math:`\\theta_i`, task vectors
-:math:`\\tau_i = \\theta_i - \\theta_0`, weights :math:`w_i`):
-
-* ``linear`` (model soups, Wortsman et al. 2022): :math:`\\sum_i w_i \\theta_i / \\sum_i w_i`
-  (mergekit ``linear`` with ``normalize: true``);
-* ``task_arithmetic`` (Ilharco et al. 2023): :math:`\\theta_0 + \\lambda \\sum_i w_i \\tau_i`
-  (mergekit ``task_arithmetic``, ``lambda``);
-* ``slerp`` (two models): spherical interpolation of the flattened tensors, angle from their
-  normalised dot product, :math:`\\frac{\\sin((1-t)\\Omega)}{\\sin\\Omega}a + \\frac{\\sin(t\\Omega)}{\\sin\\Omega}b`,
-  falling back to linear interpolation when they are nearly parallel (|cos| > 0.9995) or a norm is ~0
-  (mergekit ``slerp``: ``t = 0`` is the first model);
-* ``ties`` (Yadav et al. 2023): trim each :math:`\\tau_i` to its top-``density`` fraction by magnitude,
-  elect a sign per entry as the sign of the summed (weighted) trimmed mass, average only the entries
-  that agree with it (disjoint mean; weighted: :math:`\\sum_i w_i\\hat\\tau_i m_i / \\sum_i w_i m_i`, as
-  mergekit's ``normalize: true``), then :math:`\\theta_0 + \\lambda\\,\\tau_{merged}`;
-* ``dare`` (Yu et al. 2024): drop each entry of :math:`\\tau_i` with probability :math:`p = 1 - density`
-  and rescale the survivors by :math:`1/(1-p)` (unbiased), then task arithmetic (mergekit
-  ``dare_linear``) or, with ``sign_election=True``, the TIES sign election and disjoint mean
-  (``dare_ties``). The random mask of tensor ``name`` for expert ``i`` comes from a generator seeded
-  by (``seed``, ``name``, ``i``): merges are deterministic and independent of tensor order.
-
-``peft``'s ``add_weighted_adapter`` merges LoRA *adapters* instead (``linear``, ``ties``, ``dare_ties``
-on the low-rank factors or on their products); :func:`labhelpers.merging.merge_lora_adapters` wraps it.
+"""The merge methods as a registry: one class per method says what it needs (a base, a number of
+models, its knobs), checks them, gathers the whole-tensor statistics a chunked merge needs, merges
+one tensor and names itself in mergekit. A new method is one class added to :data:`REGISTRY`.
 """
 
 from __future__ import annotations
 
 import math
-import zlib
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 
-PARALLEL_THRESHOLD = 0.9995
-METHODS = ("linear", "task_arithmetic", "slerp", "ties", "dare")
-NEEDS_BASE = {"linear": False, "task_arithmetic": True, "slerp": False, "ties": True, "dare": True}
+from labhelpers.merging.io import DTYPES
+from labhelpers.merging.maths import (_check_density, _check_weights, dare_generators, dare_merge, kth_largest, linear,
+                                      slerp, task_arithmetic, ties, trim_count)
 
 
-def _check_weights(weights: Sequence[float] | None, n: int) -> list[float]:
-    if weights is None:
-        return [1.0] * n
-    weights = [float(w) for w in weights]
-    if len(weights) != n:
-        raise ValueError(f"got {len(weights)} weights for {n} models; pass one weight per model")
-    return weights
+class MergeMethod:
+    """One merge method. ``apply`` works on float32 tensors; :func:`merge_tensor` does the casting."""
+
+    name: str = ""
+    needs_base: bool = False  # merges task vectors (expert - base), so needs the base
+    n_models: int | None = None  # exactly this many models (None: at least one)
+    mergekit_name: str = ""
+
+    def validate(self, n_models: int, has_base: bool, knobs: Mapping) -> None:
+        """Raise ValueError naming what is missing or out of range, and how to fix it."""
+        if self.needs_base and not has_base:
+            raise ValueError(f"{self.name} merges task vectors and needs base= (the checkpoint the experts were "
+                             "tuned from)")
+        if n_models < 1 or (self.n_models is not None and n_models != self.n_models):
+            raise ValueError(f"{self.name} got {n_models} models; slerp needs exactly 2, the others at least 1")
+        _check_weights(knobs.get("weights"), n_models)
+        self.check_knobs(knobs)
+
+    def check_knobs(self, knobs: Mapping) -> None:
+        """The method's own knobs (weights are checked for every method)."""
+
+    def statistics(self, name: str, base, experts: Sequence, knobs: Mapping, n: int, chunk: int) -> dict:
+        """What merging tensor ``name`` chunk by chunk needs to know about the whole tensor (``n``
+        elements), read from ``base`` and ``experts`` (checkpoints: ``.elements(name, start, stop)``)."""
+        return {}
+
+    def apply(self, name: str, base: torch.Tensor | None, experts: Sequence[torch.Tensor], knobs: Mapping) -> torch.Tensor:
+        raise NotImplementedError
+
+    def mergekit_model_parameters(self, knobs: Mapping) -> dict:
+        """Per-model parameters of mergekit's config, besides the weight."""
+        return {}
+
+    def mergekit_parameters(self, knobs: Mapping) -> dict:
+        """The config's global ``parameters``."""
+        return {}
+
+    def mergekit(self, models: Sequence[str], weights: Sequence[float], base: str | None, knobs: Mapping) -> dict:
+        """This merge as a mergekit config (without ``dtype``)."""
+        entries = [{"model": str(m), "parameters": {"weight": w, **self.mergekit_model_parameters(knobs)}}
+                   for m, w in zip(models, weights)]
+        config: dict = {"merge_method": self.mergekit_name or self.name, "models": entries}
+        if base is not None:
+            config["base_model"] = str(base)
+        if parameters := self.mergekit_parameters(knobs):
+            config["parameters"] = parameters
+        return config
 
 
-def _check_density(density: float) -> None:
-    if not 0.0 < density <= 1.0:
-        raise ValueError(f"density must be in (0, 1] (the fraction of each task vector kept), got {density}")
+class Linear(MergeMethod):
+    name = "linear"
+
+    def apply(self, name, base, experts, knobs):
+        return linear(experts, knobs.get("weights"))
+
+    def mergekit_parameters(self, knobs):
+        return {"normalize": True}
 
 
-def linear(tensors: Sequence[torch.Tensor], weights: Sequence[float] | None = None) -> torch.Tensor:
-    """Weighted average :math:`\\sum_i w_i \\theta_i / \\sum_i w_i`."""
-    weights = _check_weights(weights, len(tensors))
-    if sum(weights) == 0:
-        raise ValueError("weights sum to 0; a weighted average needs a non-zero total")
-    return sum(w * t for w, t in zip(weights, tensors)) / sum(weights)
+class TaskArithmetic(MergeMethod):
+    name, needs_base = "task_arithmetic", True
+
+    def apply(self, name, base, experts, knobs):
+        return task_arithmetic(base, experts, knobs.get("weights"), knobs.get("lam", 1.0))
+
+    def mergekit_parameters(self, knobs):
+        return {"lambda": float(knobs.get("lam", 1.0))}
 
 
-def task_arithmetic(base: torch.Tensor, experts: Sequence[torch.Tensor], weights: Sequence[float] | None = None,
-                    lam: float = 1.0) -> torch.Tensor:
-    """:math:`\\theta_0 + \\lambda \\sum_i w_i (\\theta_i - \\theta_0)`."""
-    weights = _check_weights(weights, len(experts))
-    return base + lam * sum(w * (e - base) for w, e in zip(weights, experts))
+class Slerp(MergeMethod):
+    name, n_models = "slerp", 2
+
+    def check_knobs(self, knobs):
+        if "t" not in knobs:
+            raise ValueError("slerp needs t= in [0, 1]")
+        if not 0.0 <= knobs["t"] <= 1.0:
+            raise ValueError(f"t must be in [0, 1] (0 = first model, 1 = second), got {knobs['t']}")
+
+    def statistics(self, name, base, experts, knobs, n, chunk):
+        sums = torch.zeros(3, dtype=torch.float64)
+        for start in range(0, n, chunk):
+            a, b = (c.elements(name, start, min(n, start + chunk)).double() for c in experts)
+            sums += torch.stack([(a * a).sum(), (b * b).sum(), (a * b).sum()])
+        na, nb = sums[0].sqrt(), sums[1].sqrt()
+        cos = sums[2] / (na * nb) if na > 0 and nb > 0 else torch.zeros((), dtype=torch.float64)
+        return {"geometry": (na.float(), nb.float(), cos.float())}
+
+    def apply(self, name, base, experts, knobs):
+        if len(experts) != 2:
+            raise ValueError(f"slerp merges exactly 2 models, got {len(experts)}")
+        return slerp(experts[0], experts[1], knobs["t"], geometry=knobs.get("geometry"))
+
+    def mergekit(self, models, weights, base, knobs):
+        # mergekit's slerp interpolates from its base_model (t = 0) to the other model
+        return {"merge_method": "slerp", "base_model": str(models[0]), "models": [{"model": str(m)} for m in models],
+                "parameters": {"t": float(knobs["t"])}}
 
 
-def slerp(a: torch.Tensor, b: torch.Tensor, t: float, eps: float = 1e-8,
-          geometry: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """Spherical interpolation from ``a`` (t = 0) to ``b`` (t = 1), linear where they are nearly parallel.
-    (``geometry``: the whole tensors' norms and cosine, when ``a`` and ``b`` are chunks of them.)"""
-    if not 0.0 <= t <= 1.0:
-        raise ValueError(f"t must be in [0, 1] (0 = first model, 1 = second), got {t}")
-    a32, b32 = a.float(), b.float()
-    na, nb, cos = geometry if geometry is not None else (a32.norm(), b32.norm(), None)
-    if na < eps or nb < eps:
-        return torch.lerp(a32, b32, t).to(a.dtype)
-    if cos is None:
-        cos = (a32 / na * (b32 / nb)).sum()
-    cos = torch.clamp(cos, -1.0, 1.0)
-    if cos.abs() > PARALLEL_THRESHOLD:
-        return torch.lerp(a32, b32, t).to(a.dtype)
-    omega = torch.arccos(cos)
-    s = torch.sin(omega)
-    return (torch.sin((1 - t) * omega) / s * a32 + torch.sin(t * omega) / s * b32).to(a.dtype)
+class _Sparsifying(MergeMethod):
+    """TIES and DARE keep a ``density`` fraction of each task vector."""
+
+    needs_base = True
+
+    def check_knobs(self, knobs):
+        if "density" not in knobs:
+            raise ValueError(f"{self.name} needs density= in (0, 1]")
+        _check_density(knobs["density"])
+
+    def mergekit_model_parameters(self, knobs):
+        return {"density": float(knobs["density"])}
 
 
-def trim_count(n: int, density: float) -> int | None:
-    """How many of ``n`` entries TIES keeps: ``ceil(density * n)`` (None: all of them)."""
-    _check_density(density)
-    k = math.ceil(density * n)
-    return None if k >= n else k
+class Ties(_Sparsifying):
+    name = "ties"
+
+    def statistics(self, name, base, experts, knobs, n, chunk):
+        # each task vector's trim threshold, from one float32 buffer of its magnitudes (the one
+        # whole-tensor buffer a streamed merge holds)
+        k = trim_count(n, knobs["density"])
+        if k is None:
+            return {"thresholds": [None] * len(experts)}
+        thresholds = []
+        for expert in experts:
+            magnitudes = torch.empty(n, dtype=torch.float32)
+            for start in range(0, n, chunk):
+                stop = min(n, start + chunk)
+                torch.sub(expert.elements(name, start, stop).float(), base.elements(name, start, stop).float(),
+                          out=magnitudes[start:stop]).abs_()
+            thresholds.append(kth_largest(magnitudes, k, chunk))
+            del magnitudes
+        return {"thresholds": thresholds}
+
+    def apply(self, name, base, experts, knobs):
+        return ties(base, experts, knobs["density"], knobs.get("weights"), knobs.get("lam", 1.0),
+                    knobs.get("thresholds"))
+
+    def mergekit_parameters(self, knobs):
+        return {"lambda": float(knobs.get("lam", 1.0)), "normalize": True}
 
 
-def trim_threshold(magnitudes: torch.Tensor, density: float) -> torch.Tensor | None:
-    """The magnitude of the ``ceil(density * n)``-th largest entry (None: density keeps everything)."""
-    k = trim_count(magnitudes.numel(), density)
-    if k is None:
-        return None
-    return magnitudes.flatten().kthvalue(magnitudes.numel() - k + 1).values
+class Dare(_Sparsifying):
+    name = "dare"
+
+    def statistics(self, name, base, experts, knobs, n, chunk):
+        return {"generators": dare_generators(knobs.get("seed", 0), name, len(experts))}
+
+    def apply(self, name, base, experts, knobs):
+        return dare_merge(base, experts, knobs["density"], knobs.get("weights"), knobs.get("lam", 1.0),
+                          knobs.get("seed", 0), name, knobs.get("sign_election", False), knobs.get("generators"))
+
+    def mergekit(self, models, weights, base, knobs):
+        config = super().mergekit(models, weights, base, knobs)
+        config["merge_method"] = "dare_ties" if knobs.get("sign_election") else "dare_linear"
+        return config
+
+    def mergekit_parameters(self, knobs):
+        return {"lambda": float(knobs.get("lam", 1.0))}
 
 
-def trim(delta: torch.Tensor, density: float, threshold: torch.Tensor | None = None) -> torch.Tensor:
-    """Keep the ``ceil(density * n)`` entries of largest magnitude, zero the rest (ties: all at the threshold).
-
-    ``threshold`` (from :func:`trim_threshold` of the whole tensor) lets a streamed merge trim one
-    chunk of a tensor at a time."""
-    _check_density(density)
-    if threshold is None:
-        threshold = trim_threshold(delta.abs(), density)
-    if threshold is None:
-        return delta.clone()
-    return torch.where(delta.abs() >= threshold, delta, torch.zeros_like(delta))
+REGISTRY: dict[str, MergeMethod] = {m.name: m for m in (Linear(), TaskArithmetic(), Slerp(), Ties(), Dare())}
+METHODS = tuple(REGISTRY)
+NEEDS_BASE = {name: method.needs_base for name, method in REGISTRY.items()}
 
 
-def elect_and_merge(deltas: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    """TIES sign election by summed weighted mass, then the weighted disjoint mean of agreeing entries."""
-    weighted = torch.stack([w * d for w, d in zip(weights, deltas)])
-    sign = torch.sign(weighted.sum(dim=0))
-    agree = (torch.sign(weighted) == sign) & (weighted != 0)
-    w = torch.tensor(weights, dtype=weighted.dtype).view(-1, *[1] * (weighted.dim() - 1))
-    denominator = (w * agree).sum(dim=0)
-    return torch.where(denominator != 0, (weighted * agree).sum(dim=0) / denominator.clamp_min(1e-12),
-                       torch.zeros_like(denominator))
+def get_method(name: str) -> MergeMethod:
+    if name not in REGISTRY:
+        raise ValueError(f"unknown merge method {name!r}; valid: {', '.join(REGISTRY)}")
+    return REGISTRY[name]
 
 
-def ties(base: torch.Tensor, experts: Sequence[torch.Tensor], density: float, weights: Sequence[float] | None = None,
-         lam: float = 1.0, thresholds: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
-    """TIES-merging of one tensor: trim, elect sign, disjoint mean, add to the base scaled by ``lam``.
-    (``thresholds``: each task vector's trim threshold, when ``base`` and ``experts`` are chunks.)"""
-    weights = _check_weights(weights, len(experts))
-    thresholds = thresholds if thresholds is not None else [None] * len(experts)
-    trimmed = [trim(e - base, density, th) for e, th in zip(experts, thresholds)]
-    return base + lam * elect_and_merge(trimmed, weights)
-
-
-def dare(delta: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
-    """Drop-and-rescale: keep an entry where ``torch.rand(delta.shape, generator=generator) < density``,
-    i.e. drop with probability ``p = 1 - density``, and divide the kept ones by ``density``."""
-    _check_density(density)
-    keep = torch.rand(delta.shape, generator=generator) < density
-    return torch.where(keep, delta / density, torch.zeros_like(delta))
-
-
-def tensor_seed(seed: int, name: str, index: int) -> int:
-    """The seed of the DARE mask of tensor ``name`` for expert ``index`` (stable across runs and orders)."""
-    return zlib.crc32(f"{seed}:{name}:{index}".encode())
-
-
-def dare_generators(seed: int, name: str, n: int) -> list[torch.Generator]:
-    """The generators of the DARE masks of tensor ``name``, one per expert."""
-    return [torch.Generator().manual_seed(tensor_seed(seed, name, i)) for i in range(n)]
-
-
-def dare_merge(base: torch.Tensor, experts: Sequence[torch.Tensor], density: float, weights: Sequence[float] | None = None,
-               lam: float = 1.0, seed: int = 0, name: str = "", sign_election: bool = False,
-               generators: Sequence[torch.Generator] | None = None) -> torch.Tensor:
-    """DARE on every task vector of one tensor, then task arithmetic (or TIES' election with ``sign_election``).
-
-    ``generators`` (from :func:`dare_generators`) carry the masks' random streams from one chunk of a
-    tensor to the next: the CPU generator draws ``torch.rand`` element by element, so consecutive
-    chunks get exactly the mask of the whole tensor (tested)."""
-    weights = _check_weights(weights, len(experts))
-    generators = generators if generators is not None else dare_generators(seed, name, len(experts))
-    deltas = [dare(e - base, density, g) for e, g in zip(experts, generators)]
-    if sign_election:
-        return base + lam * elect_and_merge(deltas, weights)
-    return base + lam * sum(w * d for w, d in zip(weights, deltas))
+def check_merge(method: str, n_models: int, has_base: bool, knobs: Mapping) -> None:
+    """Refuse a merge whose method, models, base or knobs do not fit together, before any file is read."""
+    get_method(method).validate(n_models, has_base, knobs)
 
 
 def merge_tensor(method: str, name: str, base: torch.Tensor | None, experts: Sequence[torch.Tensor], **knobs) -> torch.Tensor:
@@ -175,41 +195,13 @@ def merge_tensor(method: str, name: str, base: torch.Tensor | None, experts: Seq
     dtype = experts[0].dtype
     if not dtype.is_floating_point:  # integer buffers are copied from the first model
         return experts[0].clone()
-    experts32 = [e.float() for e in experts]
-    base32 = base.float() if base is not None else None
-    if method == "linear":
-        out = linear(experts32, knobs.get("weights"))
-    elif method == "task_arithmetic":
-        out = task_arithmetic(base32, experts32, knobs.get("weights"), knobs.get("lam", 1.0))
-    elif method == "slerp":
-        if len(experts32) != 2:
-            raise ValueError(f"slerp merges exactly 2 models, got {len(experts32)}")
-        out = slerp(experts32[0], experts32[1], knobs["t"], geometry=knobs.get("geometry"))
-    elif method == "ties":
-        out = ties(base32, experts32, knobs["density"], knobs.get("weights"), knobs.get("lam", 1.0),
-                   knobs.get("thresholds"))
-    elif method == "dare":
-        out = dare_merge(base32, experts32, knobs["density"], knobs.get("weights"), knobs.get("lam", 1.0),
-                         knobs.get("seed", 0), name, knobs.get("sign_election", False), knobs.get("generators"))
-    else:
-        raise ValueError(f"unknown merge method {method!r}; valid: {', '.join(METHODS)}")
-    return out.to(dtype)
+    return get_method(method).apply(name, base.float() if base is not None else None, [e.float() for e in experts],
+                                    knobs).to(dtype)
 
 
-def _check_knobs(method: str, n_models: int, has_base: bool, knobs: dict) -> None:
-    if method not in METHODS:
-        raise ValueError(f"unknown merge method {method!r}; valid: {', '.join(METHODS)}")
-    if NEEDS_BASE[method] and not has_base:
-        raise ValueError(f"{method} merges task vectors and needs base= (the checkpoint the experts were tuned from)")
-    if n_models < 1 or (method == "slerp" and n_models != 2):
-        raise ValueError(f"{method} got {n_models} models; slerp needs exactly 2, the others at least 1")
-    _check_weights(knobs.get("weights"), n_models)
-    if method == "slerp":
-        if "t" not in knobs:
-            raise ValueError("slerp needs t= in [0, 1]")
-        if not 0.0 <= knobs["t"] <= 1.0:
-            raise ValueError(f"t must be in [0, 1] (0 = first model, 1 = second), got {knobs['t']}")
-    if method in ("ties", "dare"):
-        if "density" not in knobs:
-            raise ValueError(f"{method} needs density= in (0, 1]")
-        _check_density(knobs["density"])
+def tensor_statistics(method: str, name: str, base, experts: Sequence, knobs: Mapping, chunk: int) -> dict:
+    """The whole-tensor statistics a chunked merge of tensor ``name`` needs (see each method's
+    ``statistics``): TIES' trim thresholds, SLERP's norms and cosine, DARE's random generators."""
+    if not DTYPES[experts[0].tensors[name].dtype].is_floating_point:
+        return {}
+    return get_method(method).statistics(name, base, experts, knobs, math.prod(experts[0].tensors[name].shape), chunk)

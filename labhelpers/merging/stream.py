@@ -15,7 +15,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from labhelpers.merging.io import DTYPES, Checkpoint, SafetensorsWriter, _return_freed_memory, check_compatible
-from labhelpers.merging.methods import _check_knobs, dare_generators, merge_tensor, trim_count
+from labhelpers.merging.maths import CHUNK_ELEMENTS
+from labhelpers.merging.methods import check_merge, merge_tensor, tensor_statistics
 
 
 @dataclass
@@ -43,7 +44,7 @@ def merge_checkpoints(models: Sequence[str | Path], out: str | Path, method: str
         knobs: ``weights``, ``lam``, ``t``, ``density``, ``seed``, ``sign_election`` as the method needs.
     """
     start = time.perf_counter()
-    _check_knobs(method, len(models), base is not None, knobs)
+    check_merge(method, len(models), base is not None, knobs)
     experts = [Checkpoint(m) for m in models]
     base_ckpt = Checkpoint(base) if base is not None else None
     reference = base_ckpt or experts[0]
@@ -92,30 +93,6 @@ def _write_merge(out: Path, experts, base_ckpt, method: str, tensor_fn, knobs: d
         writer.close()
 
 
-CHUNK_ELEMENTS = 1 << 21  # 8 MiB of float32 per model and chunk
-
-
-def kth_largest(magnitudes: torch.Tensor, k: int, chunk: int | None = None) -> torch.Tensor:
-    """The ``k``-th largest of the non-negative float32 ``magnitudes`` (1-D), exactly the value of
-    ``magnitudes.kthvalue(n - k + 1)``, without a copy of them: a radix selection on their bit
-    patterns (non-negative floats order as their bits do), one byte per pass, from histograms of
-    ``chunk``-element pieces. ``kthvalue`` copies the values and builds int64 indices: three times the
-    tensor."""
-    chunk = chunk or CHUNK_ELEMENTS
-    bits = magnitudes.view(torch.int32)
-    prefix, remaining = 0, k
-    for shift in (24, 16, 8, 0):
-        histogram = torch.zeros(256, dtype=torch.int64)
-        for start in range(0, bits.numel(), chunk):
-            piece = bits[start:start + chunk]
-            if shift < 24:  # only the entries that share the bytes chosen so far
-                piece = piece[(piece >> (shift + 8)) == (prefix >> (shift + 8))]
-            histogram += torch.bincount((piece >> shift) & 0xFF, minlength=256)
-        from_top = histogram.flip(0).cumsum(0)
-        j = int(torch.searchsorted(from_top, remaining))
-        remaining -= int(from_top[j - 1]) if j > 0 else 0
-        prefix |= (255 - j) << shift
-    return torch.tensor([prefix], dtype=torch.int32).view(torch.float32)[0]
 
 
 def merged_chunks(method: str, name: str, base: Checkpoint | None, experts: Sequence[Checkpoint], knobs: dict,
@@ -140,39 +117,3 @@ def merged_chunks(method: str, name: str, base: Checkpoint | None, experts: Sequ
         stop = min(n, start + chunk)
         yield merge_tensor(method, name, base.elements(name, start, stop) if base is not None else None,
                            [c.elements(name, start, stop) for c in experts], **knobs)
-
-
-def tensor_statistics(method: str, name: str, base: Checkpoint | None, experts: Sequence[Checkpoint], knobs: dict,
-                      chunk: int) -> dict:
-    """What a chunked merge of tensor ``name`` needs to know about the whole tensor, read by chunks:
-    TIES' trim threshold of each task vector (:func:`kth_largest` of a float32 buffer of its
-    magnitudes: the one whole-tensor buffer a streamed merge holds), SLERP's norms and cosine, DARE's
-    random generators."""
-    if not DTYPES[experts[0].tensors[name].dtype].is_floating_point:
-        return {}
-    if method == "dare":
-        return {"generators": dare_generators(knobs.get("seed", 0), name, len(experts))}
-    n = math.prod(experts[0].tensors[name].shape)
-    spans = [(start, min(n, start + chunk)) for start in range(0, n, chunk)]
-    if method == "ties":
-        k = trim_count(n, knobs["density"])
-        if k is None:
-            return {"thresholds": [None] * len(experts)}
-        thresholds = []
-        for expert in experts:
-            magnitudes = torch.empty(n, dtype=torch.float32)
-            for start, stop in spans:
-                torch.sub(expert.elements(name, start, stop).float(), base.elements(name, start, stop).float(),
-                          out=magnitudes[start:stop]).abs_()
-            thresholds.append(kth_largest(magnitudes, k, chunk))
-            del magnitudes
-        return {"thresholds": thresholds}
-    if method == "slerp":
-        sums = torch.zeros(3, dtype=torch.float64)
-        for start, stop in spans:
-            a, b = (c.elements(name, start, stop).double() for c in experts)
-            sums += torch.stack([(a * a).sum(), (b * b).sum(), (a * b).sum()])
-        na, nb = sums[0].sqrt(), sums[1].sqrt()
-        cos = sums[2] / (na * nb) if na > 0 and nb > 0 else torch.zeros((), dtype=torch.float64)
-        return {"geometry": (na.float(), nb.float(), cos.float())}
-    return {}

@@ -1,0 +1,39 @@
+"""Constants and builders several test modules share (pytest fixtures are in conftest.py)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from labhelpers.course.runner import discover
+from labhelpers.paths import REPO_ROOT
+
+FIXTURES = Path(__file__).parent / "fixtures"
+SOLUTION_NOTEBOOKS = discover(REPO_ROOT / "solutions")
+RELEASED_NOTEBOOKS = discover(REPO_ROOT / "labs")
+PICKLE_RAN = Path("/tmp/sftlabs-malicious-pickle-ran")
+
+
+class Payload:
+    """Unpickling this runs a command (it touches :data:`PICKLE_RAN`): the reason pickles are refused."""
+
+    def __reduce__(self):
+        return os.system, (f"touch {PICKLE_RAN}",)
+
+
+def malicious_pickle() -> bytes:
+    """A pickle whose loading would run a command; :data:`PICKLE_RAN` is removed first."""
+    PICKLE_RAN.unlink(missing_ok=True)
+    return pickle.dumps(Payload())
+
+
+def tiny_checkpoint(folder: Path, shape=(4, 4), scale: float = 1.0) -> Path:
+    """A two-tensor safetensors "model" folder, enough for the merge code's checks."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({"w": torch.ones(shape) * scale, "b": torch.zeros(shape[0])}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    return folder

@@ -16,6 +16,9 @@ FIXTURES = Path(__file__).parent / "fixtures"
 SOLUTION_NOTEBOOKS = discover(REPO_ROOT / "solutions")
 RELEASED_NOTEBOOKS = discover(REPO_ROOT / "labs")
 PICKLE_RAN = Path("/tmp/sftlabs-malicious-pickle-ran")
+CONVO = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "7 + 5 ="},
+         {"role": "assistant", "content": "12"}, {"role": "user", "content": "and 2 * 3 ="},
+         {"role": "assistant", "content": "6"}]
 
 
 class Payload:

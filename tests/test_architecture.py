@@ -63,3 +63,34 @@ def test_module_is_small_and_imports_at_the_top(path):
                 if isinstance(inner, ast.ImportFrom) and (inner.module or "").startswith("labhelpers"):
                     pytest.fail(f"{path.name}:{inner.lineno} imports labhelpers inside {node.name}(); "
                                 "import at the top (a cycle there means a layer is wrong)")
+
+
+# Modules without a test file of their own name, and where they are tested instead.
+TESTED_ELSEWHERE = {
+    "paths": "every test (the shipped data and model are found through it)",
+    "trainer_speedups": "test_training (loss equal to the model's, batches by length)",
+    "course.bench": "test_make_targets (make bench QUICK=1)",
+    "course.pretrain": "test_models (the shipped base, its manifest) and test_make_targets (make base-model)",
+    "labs.fsdp_demo": "test_memory (two ranks hold half the model states)",
+    "labs.lab1": "test_peft_methods (compare_methods, guidance) and test_notebooks (Lab 1 in the ci profile)",
+    "labs.lab2": "test_continual (sweep, best settings) and test_notebooks (Lab 2 in the ci profile)",
+    "labs.lab3": "test_merging and test_notebooks (Lab 3 in the ci profile)",
+    "labs.lab4": "test_memory (breakdown, checkpointing, optimizers, accumulation) and test_notebooks",
+}
+
+
+def test_every_module_has_tests_named_after_it():
+    """tests/test_<module>.py, or for a package's module tests/test_<package>.py (memory, merging,
+    tasks) or tests/test_<module>.py (course, labs); the rest say where they are tested."""
+    tests = {p.stem.removeprefix("test_") for p in (REPO_ROOT / "tests").glob("test_*.py")}
+    untested = []
+    for path in _modules():
+        parts = path.relative_to(PACKAGE).with_suffix("").parts
+        if parts[-1] in ("__init__", "__main__"):
+            continue
+        name = ".".join(parts)
+        if not ({parts[-1], parts[0]} & tests) and name not in TESTED_ELSEWHERE:
+            untested.append(name)
+    assert untested == [], "add tests/test_<module>.py or say in TESTED_ELSEWHERE where these are tested"
+    assert all(name.replace(".", "/") + ".py" in {str(p.relative_to(PACKAGE)) for p in _modules()}
+               for name in TESTED_ELSEWHERE), "TESTED_ELSEWHERE names a module that no longer exists"

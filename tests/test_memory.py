@@ -7,8 +7,8 @@ import torch
 
 from labhelpers import memory
 from labhelpers.labs import lab4
-from labhelpers.units import MiB
 from labhelpers.paths import accelerate_config
+from labhelpers.units import MiB
 
 METHODS = ("full", "lora", "qlora", "full+gc", "lora+8bit", "qlora+gc+8bit")
 
@@ -179,3 +179,13 @@ def test_make_optimizer_builds_each_named_class_and_rejects_others():
         assert type(optimizer) is cls and optimizer.param_groups[0]["lr"] == 1e-3
     with pytest.raises(ValueError, match="unknown optimizer 'sgd'; valid: adamw_torch"):
         lab4.make_optimizer("sgd", [torch.nn.Parameter(torch.zeros(2))])
+
+
+def test_peak_memory_sees_a_large_allocation():
+    with memory.measure_peak_memory("cpu") as small:
+        torch.ones(1024)
+    with memory.measure_peak_memory("cpu") as big:
+        x = torch.ones(64, 2**20)  # 256 MiB
+        x.add_(1)
+        del x
+    assert big.peak_mib > 200 and big.peak_mib > small.peak_mib + 150

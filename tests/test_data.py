@@ -1,25 +1,9 @@
-"""Chat template round trip, assistant-only masks and data schema errors."""
+"""Assistant-only masks and labels, data schema errors, the dataset TRL trains on."""
 
 import pytest
 
+from helpers import CONVO
 from labhelpers import chat, data
-
-CONVO = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "7 + 5 ="},
-         {"role": "assistant", "content": "12"}, {"role": "user", "content": "and 2 * 3 ="},
-         {"role": "assistant", "content": "6"}]
-
-
-def test_template_renders_and_round_trips(tokenizer):
-    text = tokenizer.apply_chat_template(CONVO, tokenize=False)
-    assert text == ("<|system|>\nBe brief.<|end|><|user|>\n7 + 5 =<|end|><|assistant|>\n12<|end|>"
-                    "<|user|>\nand 2 * 3 =<|end|><|assistant|>\n6<|end|>")
-    ids = tokenizer.apply_chat_template(CONVO, tokenize=True, return_dict=True)["input_ids"]
-    assert tokenizer.decode(ids) == text
-
-
-def test_generation_prompt(tokenizer):
-    text = tokenizer.apply_chat_template(CONVO[:2], tokenize=False, add_generation_prompt=True)
-    assert text.endswith("<|user|>\n7 + 5 =<|end|><|assistant|>\n")
 
 
 def test_assistant_mask_covers_exactly_the_assistant_tokens(tokenizer):

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from labhelpers.evaluation import scores
 from labhelpers.merging import NEEDS_BASE, Checkpoint, merge_checkpoints
 from labhelpers.models import load_model, model_source
-from labhelpers.tasks import task_rows
+from labhelpers.tasks import load_split, task_rows
 from labhelpers.training import fine_tune
 
 TASKS = ("code", "sql", "arithmetic")
@@ -48,10 +48,8 @@ def score_folder(folder: str | Path, profile, tasks: Sequence[str] = TASKS) -> d
 
 def general_rows() -> list[dict]:
     """General instruction data: the arithmetic facts as chats and as plain completions."""
-    completions = task_rows("arithmetic", "train")
-    chats = [{"messages": [{"role": "user", "content": r["prompt"]},
-                           {"role": "assistant", "content": r["completion"].strip()}]} for r in completions]
-    return chats + completions
+    chats = [{"messages": row["messages"]} for row in load_split("arithmetic", "train")]  # stored with each fact
+    return chats + task_rows("arithmetic", "train")
 
 
 def train_instruct_start(profile, folder: str | Path, steps: int, task_fraction: float = 0.02,

@@ -77,12 +77,6 @@ def evaluate_task(model, tokenizer, task: str, split: str = "test", n: int | Non
     })
 
 
-def task_scores(model, tokenizer, tasks: Sequence[str], n: int | None = None, batch_size: int = 32,
-                split: str = "test") -> dict[str, float]:
-    """``{task: score}`` on one split of each task (first ``n`` rows)."""
-    return {task: float(evaluate_task(model, tokenizer, task, split, n, batch_size)["correct"].mean()) for task in tasks}
-
-
 def evaluate(model, tokenizer, task: str, profile: Profile, split: str = "test") -> pd.DataFrame:
     """:func:`evaluate_task` on the profile's evaluation slice (first ``profile.n_eval`` rows, batches
     of ``profile.eval_batch_size``): the one way the labs score a model."""

@@ -174,7 +174,6 @@ def peft_config(method: str, profile: Profile, **overrides):
 def prepare(method: str, profile: Profile, adapter_cls=None, bottleneck: int = 16, **overrides) -> dict:
     """Load the base for ``method`` and set it up; returns the keyword arguments of ``train_sft``
     (``model``, ``tokenizer``, ``peft_config``, ``learning_rate``)."""
-
     entry = get_method(method)
     if entry.needs_adapter_class and adapter_cls is None:
         raise ValueError(f"method {method!r} needs adapter_cls=<your bottleneck adapter class>")

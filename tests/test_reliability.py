@@ -60,7 +60,7 @@ def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_one_does(tmp_path)
 def test_same_profile_and_seed_give_the_same_metrics(ci_profile):
     from datasets import Dataset
 
-    from labhelpers.evaluation import task_scores
+    from labhelpers.evaluation import scores
     from labhelpers.models import load_model
     from labhelpers.tasks import task_rows
     from labhelpers.training import train_sft
@@ -71,8 +71,8 @@ def test_same_profile_and_seed_give_the_same_metrics(ci_profile):
     for _ in range(2):
         model, tokenizer = load_model(profile)
         result = train_sft(model, tokenizer, rows, profile, learning_rate=profile.full_ft_learning_rate)
-        scores = task_scores(result.model, tokenizer, ["sql", "arithmetic"], n=24)
-        runs.append((result.loss_curve["loss"].tolist(), scores))
+        scored = scores(result.model, tokenizer, ["sql", "arithmetic"], profile.with_(n_eval=24))
+        runs.append((result.loss_curve["loss"].tolist(), scored))
     assert runs[0][0] == runs[1][0]
     assert runs[0][1] == runs[1][1]
 

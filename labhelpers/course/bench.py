@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -66,7 +67,6 @@ def _real_tokens(rows, tokenizer, steps: int, batch_size: int) -> int:
 def run_labhelpers(profile, rows, steps: int, **overrides) -> float:
     """Seconds from rows to a trained model: dataset preparation and training (model loading excluded)."""
     from datasets import Dataset
-
 
     model, tokenizer = load_model(profile)
     start = time.perf_counter()
@@ -172,7 +172,6 @@ print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_mib": peak.p
 
 def build_checkpoints(folder: Path, hidden: int, layers: int, vocab: int = 32000) -> tuple[list[Path], dict]:
     """A base and two perturbed copies of a randomly initialized Llama of the given shape (fp32)."""
-
     config = LlamaConfig(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
                          num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 64),
                          vocab_size=vocab, tie_word_embeddings=False)
@@ -332,8 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     profile = profiles.get("ci")
     results = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "repeats": args.repeats,
-               "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores, torch "
-                          f"{__import__('torch').__version__}"}
+               "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"}
     if "training" in args.only:
         results["training"] = bench_training(profile, 4 if args.quick else args.steps, args.repeats)
     if "merging" in args.only:

@@ -2,8 +2,8 @@
 
 Writes ``build/gpu-smoke.json``: per lab the wall time, peak memory
 (:func:`labhelpers.memory.measure_peak_memory`: on CUDA ``torch.cuda.max_memory_allocated``, on the
-CPU the resident set), time per training step and scores. Meant to finish in under 8 minutes on one modern GPU (hub models must be
-downloadable or cached there). ``--dry-run`` runs the very same code on the CPU with the ``smoke``
+CPU the resident set), time per training step and scores. Meant to finish in under 8 minutes on one
+modern GPU (hub models must be downloadable or cached there). ``--dry-run`` runs the very same code on the CPU with the ``smoke``
 profile (the test suite does this), so the script cannot rot where no GPU is around.
 
 Core paths: Lab 1 LoRA and QLoRA on code; Lab 2 full fine-tuning on SQL and the forgetting probe;
@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 
 from labhelpers import merging, profiles
-from labhelpers.memory import measure_peak_memory
 from labhelpers.continual import all_scores
 from labhelpers.labs import lab3, lab4
+from labhelpers.labs.lab1 import compare_methods
+from labhelpers.memory import measure_peak_memory
 from labhelpers.models import load_model
 from labhelpers.paths import build_dir
-from labhelpers.labs.lab1 import compare_methods
 from labhelpers.tasks import task_rows
 from labhelpers.training import fine_tune
 

@@ -210,7 +210,6 @@ REPORT_PACKAGES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "data
 
 def environment() -> dict[str, str]:
     """Python and the versions of the packages the labs run on."""
-
     out = {"python": platform.python_version(), "machine": f"{platform.system()} {platform.machine()}"}
     for name in REPORT_PACKAGES:
         try:

@@ -71,7 +71,6 @@ def shard_layers(model, reshard_after_forward: bool = True) -> None:
 def main(argv=None) -> dict:
     from accelerate import Accelerator
 
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--profile", default="ci", help="whose base model to shard (a profile name)")

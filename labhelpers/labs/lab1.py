@@ -23,7 +23,6 @@ from labhelpers.units import files_mib
 
 def saved_size_mib(model, adapter_only: bool) -> float:
     """MiB on disk of what a method must ship: the adapter (peft or bottleneck) or the whole model."""
-
     with tempfile.TemporaryDirectory() as tmp:
         if adapter_only and adapter_state_dict(model):
             save_adapters(model, Path(tmp) / "adapters.safetensors")
@@ -44,7 +43,6 @@ def compare_methods(methods: list[str], profile: Profile, task: str = "code", ad
     every run's ``SFTConfig`` (e.g. ``{"optim": "adamw_bnb_8bit"}``); ``curves`` adds each run's loss
     curve (a DataFrame) in a ``loss_curve`` column.
     """
-
     train = load_split(task, "train")
     rows, kept = [], {}
     for name in methods:
@@ -97,13 +95,14 @@ def gpu_guidance(comparison, sizes=("1B", "3B", "7B", "13B"), gpus_gb=(8, 12, 16
     GPU). "best" = highest measured test score, then least memory.
     """
     grid = _plan(comparison, sizes, gpus_gb, seq_len)
+    records = [(rec["method"], memory_method(rec["method"]), rec["score_test"])
+               for rec in comparison.to_dict("records")]
     rows = []
     for size in sizes:
         row = {"model": size}
         for gpu in gpus_gb:
-            fits = [(-rec["score_test"], grid[(size, memory_method(rec["method"]))]["peak (GB)"], rec["method"])
-                    for rec in comparison.to_dict("records")
-                    if grid[(size, memory_method(rec["method"]))][f"fits {gpu} GB"]]
+            fits = [(-score, grid[(size, planned)]["peak (GB)"], method) for method, planned, score in records
+                    if grid[(size, planned)][f"fits {gpu} GB"]]
             row[f"{gpu} GB"] = f"{min(fits)[2]} ({min(fits)[1]:.1f} GB)" if fits else "none fits"
         rows.append(row)
     return pd.DataFrame(rows)

@@ -45,7 +45,6 @@ def lora_sweep(models: Iterable[str], learning_rates: Iterable[float], ranks: It
     Columns: ``model``, ``params`` (base size), ``learning_rate``, ``r``, ``score``, ``final_loss``,
     ``train_seconds``.
     """
-
     rows = task_rows(task, "train")
     ratio = profile.lora_alpha / profile.lora_r
     records = []

@@ -41,7 +41,6 @@ def save_model(model, tokenizer, folder: str | Path) -> Path:
 
 def score_folder(folder: str | Path, profile, tasks: Sequence[str] = TASKS) -> dict[str, float]:
     """Load a model folder on the profile's device and score it on ``tasks`` (test splits)."""
-
     model, tokenizer = load_model(profile, str(folder))
     return scores(model, tokenizer, tasks, profile)
 
@@ -86,7 +85,6 @@ def _train_and_save(rows: list[dict], profile, folder: str | Path, steps: int, s
                     learning_rate: float | None = None, peft_config=None) -> tuple[Path, object]:
     """Load ``start`` (default: the profile's base), fine-tune it on ``rows`` and save it to ``folder``
     (with ``peft_config``: the adapter to ``folder/adapter``, the merged weights to ``folder``)."""
-
     model, tokenizer = load_model(profile, str(start) if start is not None else None)
     run = fine_tune(model, tokenizer, rows, profile, steps, learning_rate=learning_rate, peft_config=peft_config)
     trained = run.model
@@ -117,7 +115,6 @@ def sweep_merges(configs: Sequence[Mapping], experts: Sequence[str | Path], base
     Returns a DataFrame: ``method``, ``knob``, ``value``, ``label``, one column per task, ``average``
     and ``seconds`` (merge time). ``tensor_fns`` maps a method to your per-tensor function.
     """
-
     rows = []
     for config in tqdm(configs, desc="merges"):
         config = dict(config)

@@ -164,7 +164,6 @@ def saved_activations(model):
 
 def _live_tensor_mode():
     """A ``TorchDispatchMode`` that follows every storage created inside it until it is freed."""
-
     class LiveTensors(TorchDispatchMode):
         def __init__(self, ignore: set):
             super().__init__()

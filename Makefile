@@ -23,10 +23,11 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 export MPLBACKEND ?= Agg
 
-.PHONY: setup browser data base-model labs test bench bench-notebooks gpu-smoke release jupyter check autograde feedback grades clean help
+.PHONY: setup browser data base-model rehearsal-models rehearse labs test bench bench-notebooks gpu-smoke release jupyter check autograde feedback grades clean help
 
 help:
 	@echo "make labs     run every lab headlessly (PROFILE=auto|ci|cpu|t4|gpu-24gb) into build/"
+	@echo "make rehearse [PROFILE=t4|gpu-24gb]  every lab in a GPU profile's code path on the CPU, offline (hub-shaped stand-in models) -> build/rehearsal-<profile>/"
 	@echo "make test     unit tests, notebook runs (ci profile), nbgrader round trip"
 	@echo "make bench    benchmarks side by side -> build/bench.md, build/bench.json (QUICK=1: tiny sizes, seconds)"
 	@echo "make gpu-smoke  each lab's core path on a CUDA machine -> build/gpu-smoke.json (DRY_RUN=1: on the CPU, smoke profile)"
@@ -60,6 +61,14 @@ data: setup
 
 base-model: data
 	$(PY) -m labhelpers.course.pretrain --size $(SIZE) $(if $(STEPS),--steps $(STEPS))
+
+rehearsal-models: setup
+	$(PY) -m labhelpers.course.rehearsal
+
+# A GPU profile rehearsed on this CPU: the runner builds the stand-ins and points the hub cache at them.
+REHEARSE_PROFILE = $(if $(filter auto,$(PROFILE)),t4,$(PROFILE))
+rehearse: setup
+	$(PY) -m labhelpers.course.runner --profile $(REHEARSE_PROFILE)-rehearsal --out build/rehearsal-$(REHEARSE_PROFILE)
 
 labs: setup
 	$(PY) -m labhelpers.course.runner --profile $(PROFILE) --out build

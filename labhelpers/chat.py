@@ -7,9 +7,16 @@ The template marks every assistant turn with ``{% generation %}`` so that
     <|user|>
     question<|end|><|assistant|>
     answer<|end|>
+
+Hub models' templates have no such markers. :data:`TEMPLATE_FAMILIES` holds the three families the
+GPU profiles' models use, written here from each format's public description (for the offline
+rehearsal models, :mod:`labhelpers.course.rehearsal`); :func:`labhelpers.data.tokenize_chats` masks
+them by rendering prefixes instead.
 """
 
 from __future__ import annotations
+
+import re
 
 ROLES = ("system", "user", "assistant")
 END_OF_TURN = "<|end|>"
@@ -27,6 +34,53 @@ CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '<|assistant|>\n' }}{%- endif -%}"
 )
+
+# ChatML (Qwen2 / Qwen2.5 instruct): a default system turn when none is given; each turn ends with
+# <|im_end|> (the instruct models' end-of-sequence token) and a newline.
+CHATML_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{{ '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}"
+    "{%- else -%}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}"
+    "{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{%- if not (loop.first and message['role'] == 'system') -%}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}"
+)
+# Llama 3 instruct: <|begin_of_text|>, a header per turn, contents trimmed, each turn ends with <|eot_id|>.
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- for message in messages -%}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif -%}"
+)
+# Llama 2 / CodeLlama instruct: <s>[INST] user [/INST] answer </s>, a system prompt folded into the
+# first user turn between <<SYS>> markers.
+INST_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set system = messages[0]['content'] -%}{%- set turns = messages[1:] -%}"
+    "{%- else -%}{%- set system = none -%}{%- set turns = messages -%}{%- endif -%}"
+    "{%- for message in turns -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{%- if loop.first and system is not none -%}"
+    "{%- set content = '<<SYS>>\n' + system + '\n<</SYS>>\n\n' + message['content'] -%}"
+    "{%- else -%}{%- set content = message['content'] -%}{%- endif -%}"
+    "{{ bos_token + '[INST] ' + content | trim + ' [/INST]' }}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{{ ' ' + message['content'] | trim + ' ' + eos_token }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
+TEMPLATE_FAMILIES = {"chatml": CHATML_TEMPLATE, "llama3": LLAMA3_TEMPLATE, "inst": INST_TEMPLATE}
+
+
+def has_generation_markers(tokenizer) -> bool:
+    """Whether the tokenizer's chat template marks assistant content with ``{% generation %}``."""
+    return bool(re.search(r"\{%-?\s*generation\s*-?%\}", getattr(tokenizer, "chat_template", None) or ""))
 
 
 def require_chat_template(tokenizer) -> None:

@@ -89,11 +89,18 @@ def replay_mix(domain_rows: Sequence[dict], replay_rows: Sequence[dict], fractio
 
 # ---------------------------------------------------------------------------------------- scores
 
-def general_scores(model, tokenizer, profile: Profile, n_texts: int = 200) -> dict[str, float]:
-    """The general skill: arithmetic exact match (test split) and held-out corpus perplexity."""
+PPL_TEXTS = 200
+
+
+def general_scores(model, tokenizer, profile: Profile, n_texts: int | None = None) -> dict[str, float]:
+    """The general skill: arithmetic exact match (test split) and held-out corpus perplexity over
+    ``n_texts`` documents (default: 200, or twice the profile's ``n_eval`` when that is smaller), in
+    batches of at most the profile's ``eval_batch_size`` blocks."""
     acc = evaluate(model, tokenizer, GENERAL_TASK, profile)
+    n_texts = n_texts or (PPL_TEXTS if profile.n_eval is None else min(PPL_TEXTS, 2 * profile.n_eval))
     return {GENERAL_TASK: float(acc["correct"].mean()),
-            "heldout_ppl": perplexity(model, tokenizer, corpus_texts("heldout", n_texts))}
+            "heldout_ppl": perplexity(model, tokenizer, corpus_texts("heldout", n_texts),
+                                      batch_size=min(32, profile.eval_batch_size))}
 
 
 def domain_scores(model, tokenizer, profile: Profile) -> tuple[dict[str, float], pd.DataFrame]:
@@ -169,6 +176,12 @@ def penalty_fn(anchor: Mapping[str, torch.Tensor], strength: float, fisher=None,
     def loss_penalty(model: torch.nn.Module) -> torch.Tensor:
         return penalty(dict(model.named_parameters()), anchor, strength, fisher)
     return loss_penalty
+
+
+def fisher_batches(profile: Profile, most: int = 16) -> int:
+    """Batches the Fisher estimate averages over: ``most``, or a quarter of the profile's training
+    steps when that is fewer (at least 1), so that estimating it never costs more than training."""
+    return max(1, min(most, profile.max_steps // 4))
 
 
 def fisher_diagonal(model, tokenizer, texts: Sequence[str], seq_len: int = 128, batch_size: int = 8,

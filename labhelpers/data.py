@@ -21,7 +21,7 @@ from typing import Iterable
 
 import pandas as pd
 
-from labhelpers.chat import require_chat_template, validate_messages
+from labhelpers.chat import has_generation_markers, require_chat_template, validate_messages
 
 IGNORE_INDEX = -100
 
@@ -108,10 +108,11 @@ FORMAT_COLUMNS = {"chat": ["messages"], "completion": ["prompt", "completion"], 
 def tokenize_chat(messages: list[dict], tokenizer, max_length: int | None) -> dict[str, list[int]]:
     """Token ids and labels of one conversation, with labels ``-100`` outside assistant turns.
 
-    The mask comes from the template's ``{% generation %}`` markers
-    (``return_assistant_tokens_mask=True``). Raises ValueError for a conversation longer than
-    ``max_length`` tokens instead of silently cutting the answer off (``None``: no limit here; the
-    trainer truncates as TRL does).
+    The mask covers each assistant turn's content and its end-of-turn token (:func:`assistant_masks`:
+    the template's ``{% generation %}`` markers where it has them, else rendered prefixes, so any
+    chat template works). Raises ValueError for a conversation longer than ``max_length`` tokens
+    instead of silently cutting the answer off (``None``: no limit here; the trainer truncates as
+    TRL does).
     """
     validate_messages(messages)
     return tokenize_chats([messages], tokenizer, max_length)[0]
@@ -124,18 +125,66 @@ def tokenize_chats(conversations: list[list[dict]], tokenizer, max_length: int |
     require_chat_template(tokenizer)
     out = []
     for start in range(0, len(conversations), chunk):
-        enc = tokenizer.apply_chat_template(conversations[start:start + chunk], tokenize=True, return_dict=True,
-                                            return_assistant_tokens_mask=True)
-        for ids, mask in zip(enc["input_ids"], enc["assistant_masks"]):
+        for ids, mask in assistant_masks(conversations[start:start + chunk], tokenizer):
             if not any(mask):
                 raise ValueError("the chat template marks no assistant tokens; it needs {% generation %} ... "
-                                 "{% endgeneration %} around assistant content (see labhelpers.chat.CHAT_TEMPLATE)")
+                                 "{% endgeneration %} around assistant content (see labhelpers.chat.CHAT_TEMPLATE), "
+                                 "or a template that renders assistant turns after their prompt")
             if max_length is not None and len(ids) > max_length:
                 raise ValueError(f"conversation has {len(ids)} tokens, more than max_length={max_length}; raise the "
                                  "profile's max_seq_length or shorten the example")
             out.append({"input_ids": ids, "attention_mask": [1] * len(ids),
                         "labels": [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]})
     return out
+
+
+def assistant_masks(conversations: list[list[dict]], tokenizer,
+                    use_markers: bool | None = None) -> list[tuple[list[int], list[int]]]:
+    """``(input_ids, mask)`` of each conversation, ``mask`` 1 on the assistant's tokens.
+
+    With ``{% generation %}`` markers in the template, the mask is the tokenizer's own
+    (``return_assistant_tokens_mask=True``). Otherwise (hub templates: ChatML, Llama 3, ``[INST]``)
+    it comes from rendering prefixes, as TRL's ``assistant_only_loss`` cannot: an assistant turn
+    ``i`` spans the characters between the render of turns ``< i`` with the generation prompt and
+    the render of turns ``<= i``, cut after its end-of-sequence token when the template adds text
+    after it (ChatML's newline); a token belongs to the assistant when it starts inside a span.
+    ``use_markers=False`` takes the prefix route even where markers exist (the two agree, tested).
+    """
+    if use_markers is None:
+        use_markers = has_generation_markers(tokenizer)
+    if use_markers:
+        enc = tokenizer.apply_chat_template(conversations, tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=True)
+        return list(zip(enc["input_ids"], enc["assistant_masks"]))
+    texts, spans = zip(*(assistant_char_spans(messages, tokenizer) for messages in conversations))
+    enc = tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True)
+    return [(ids, [int(any(s <= a < e for s, e in turn_spans)) for a, _ in offsets])
+            for ids, offsets, turn_spans in zip(enc["input_ids"], enc["offset_mapping"], spans)]
+
+
+def assistant_char_spans(messages: list[dict], tokenizer) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the ``(start, end)`` characters of each assistant turn (see
+    :func:`assistant_masks`). Raises ValueError when the template renders a conversation's prefix
+    differently from the start of the whole (the mask would then be wrong)."""
+    def render(turns, prompt=False):
+        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=prompt) if turns else ""
+
+    text = render(messages)
+    spans = []
+    for i, turn in enumerate(messages):
+        if turn["role"] != "assistant":
+            continue
+        prompt, upto = render(messages[:i], prompt=True), render(messages[:i + 1])
+        if not (text.startswith(prompt) and text.startswith(upto)):
+            raise ValueError(f"the chat template renders the first {i + 1} turns differently from the start of the "
+                             "whole conversation, so assistant tokens cannot be located; add {% generation %} "
+                             "markers to the template")
+        start, end = len(prompt), len(upto)
+        eos = tokenizer.eos_token
+        if eos and eos in text[start:end]:
+            end = text.rindex(eos, start, end) + len(eos)
+        spans.append((start, end))
+    return text, spans
 
 
 def tokenize_completion(prompt: str, completion: str, tokenizer) -> dict[str, list[int]]:
@@ -192,8 +241,8 @@ class LabelCheck:
 
 
 def check_assistant_labels(labels_fn, tokenizer, conversations: list[list[dict]]) -> LabelCheck:
-    """Compare ``labels_fn(messages, tokenizer)`` with the labels the tokenizer's own assistant mask
-    gives (``return_assistant_tokens_mask`` through :func:`tokenize_chat`), token by token."""
+    """Compare ``labels_fn(messages, tokenizer)`` with the labels of :func:`tokenize_chat` (the mask of
+    :func:`assistant_masks`), token by token."""
     records = []
     for i, messages in enumerate(conversations):
         expected = tokenize_chat(messages, tokenizer, max_length=10**6)["labels"]

@@ -177,11 +177,6 @@ def prepare(method: str, profile: Profile, adapter_cls=None, bottleneck: int = 1
     entry = get_method(method)
     if entry.needs_adapter_class and adapter_cls is None:
         raise ValueError(f"method {method!r} needs adapter_cls=<your bottleneck adapter class>")
-    trains_base_weights = entry.config is None and not entry.needs_adapter_class
-    if trains_base_weights and profile.dtype == "float16":
-        # fp16 mixed precision needs fp32 master weights for the parameters it trains (the Trainer
-        # refuses to unscale fp16 gradients); adapters are kept in fp32 by peft, full FT is not.
-        profile = profile.with_(dtype="float32")
     model, tokenizer = load_model(profile, quantization=entry.quantization)
     if entry.quantization:
         from peft import prepare_model_for_kbit_training

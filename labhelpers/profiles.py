@@ -49,12 +49,28 @@ class Profile:
     fused_lm_head: bool = True  # TRL's chunked log-prob head: less memory on big vocabularies, slower on small
     length_group: int = 4  # 0: random batches; k: k random batches at a time regrouped by length (training.LengthGroupedBatches)
     seed: int = 0
+    device_memory_gib: float | None = None  # the GPU a profile is sized for (None: the machine's own memory)
 
     def with_(self, **changes) -> "Profile":
         """A copy with some fields changed (profiles are frozen)."""
         return replace(self, **changes)
 
+    def rehearsal(self) -> "Profile":
+        """This profile's code path on a CPU, offline: the same models, dtype (fp16 mixed precision on
+        ``t4``), quantization, LoRA settings and targets, sequence length and memory planning, with only
+        the device and the counts cut to what a CPU runs in minutes: optimizer steps, tokens per step
+        (examples per step and the longest sequence: a 151,936-token LM head in fp16 costs seconds per
+        hundred tokens on a CPU) and examples evaluated. The memory plan of the real profile is checked
+        on the real architectures (``labhelpers.labs.lab4.lab_plan``), not here.
+        The hub models are the hub-shaped random-weight stand-ins of :mod:`labhelpers.course.rehearsal`
+        (no effect is expected from them; the code path is what is rehearsed)."""
+        return self.with_(name=f"{self.name}{REHEARSAL_SUFFIX}", device="cpu", max_steps=REHEARSAL_STEPS,
+                          batch_size=2, gradient_accumulation_steps=1, max_seq_length=REHEARSAL_SEQ,
+                          n_eval=REHEARSAL_EVAL, eval_batch_size=8)
 
+
+REHEARSAL_SUFFIX = "-rehearsal"
+REHEARSAL_STEPS, REHEARSAL_SEQ, REHEARSAL_EVAL = 4, 160, 8
 _ATTN_MLP = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 PROFILES: dict[str, Profile] = {
@@ -69,21 +85,29 @@ PROFILES: dict[str, Profile] = {
                   device="cuda", dtype="float16", max_seq_length=384, batch_size=8,
                   gradient_accumulation_steps=2, max_steps=200, learning_rate=2e-4, full_ft_learning_rate=2e-5,
                   lora_r=16, lora_alpha=32, lora_dropout=0.05, target_modules=_ATTN_MLP,
-                  gradient_checkpointing=True, n_eval=100, eval_batch_size=32),
+                  gradient_checkpointing=True, n_eval=100, eval_batch_size=32, device_memory_gib=15.0),
     "gpu-24gb": Profile(name="gpu-24gb", base_model="Qwen/Qwen2.5-Coder-1.5B-Instruct",
                         large_model="codellama/CodeLlama-7b-Instruct-hf",
                         sweep_models=("Qwen/Qwen2.5-Coder-0.5B-Instruct", "Qwen/Qwen2.5-Coder-1.5B-Instruct"),
-                        device="cuda", dtype="bfloat16", max_seq_length=512, batch_size=16,
-                        gradient_accumulation_steps=1, max_steps=300, learning_rate=2e-4,
+                        device="cuda", dtype="bfloat16", max_seq_length=512, batch_size=4,
+                        gradient_accumulation_steps=4, max_steps=300, learning_rate=2e-4,
                         full_ft_learning_rate=2e-5, lora_r=16, lora_alpha=32, lora_dropout=0.05,
-                        target_modules=_ATTN_MLP, gradient_checkpointing=True, n_eval=200, eval_batch_size=64),
+                        target_modules=_ATTN_MLP, gradient_checkpointing=True, n_eval=200, eval_batch_size=64,
+                        device_memory_gib=24.0),
 }
 # ``cpu``: the ``ci`` settings with more steps and the whole evaluation splits (a student's laptop).
 PROFILES["cpu"] = PROFILES["ci"].with_(name="cpu", max_steps=800, n_eval=None)
 # ``smoke``: the fewest steps and examples that still execute every cell; used only where effects are
 # asserted elsewhere (the nbgrader round trip), never to show a lab's results.
 PROFILES["smoke"] = PROFILES["ci"].with_(name="smoke", max_steps=4, n_eval=8, eval_batch_size=8)
+# ``<gpu profile>-rehearsal``: that profile's code path rehearsed on a CPU (Profile.rehearsal).
+PROFILES.update({p.name: p for p in [PROFILES["t4"].rehearsal(), PROFILES["gpu-24gb"].rehearsal()]})
 NAMES = (*PROFILES, "auto")
+
+
+def is_rehearsal(profile: Profile) -> bool:
+    """Whether ``profile`` is a GPU profile rehearsed on a CPU (its hub models are the stand-ins)."""
+    return profile.name.endswith(REHEARSAL_SUFFIX)
 
 
 def auto_name() -> str:

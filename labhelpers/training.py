@@ -254,6 +254,7 @@ def train_sft(model, tokenizer, dataset, profile: Profile, peft_config=None, cal
                              train_dataset=train_dataset, processing_class=tokenizer,
                              peft_config=peft_config, callbacks=[recorder, *callbacks_for(peft_config), *callbacks])
         trainer.remove_callback(PrinterCallback)  # the recorder's progress bar replaces per-step log lines
+        keep_trainable_fp32(trainer.model, profile)
         counts = count_parameters(trainer.model)
         warn_if_too_large(model, peft_config, profile, overrides)
         start = time.perf_counter()
@@ -268,6 +269,19 @@ def train_sft(model, tokenizer, dataset, profile: Profile, peft_config=None, cal
     return TrainResult(model=trained, loss_curve=pd.DataFrame(recorder.losses, columns=["step", "loss"]),
                        sec_per_step=statistics.median(timed), peak_mib=peak.peak_mib, train_seconds=train_seconds,
                        steps=steps, trainable_params=counts["trainable"], total_params=counts["total"])
+
+
+def keep_trainable_fp32(model, profile: Profile) -> int:
+    """The dtype policy of every run: under fp16 mixed precision, the parameters being trained are
+    fp32 (master weights; the frozen ones stay fp16). The Trainer's gradient scaler refuses fp16
+    gradients ("Attempting to unscale FP16 gradients"), and fp16 weights would lose small updates.
+    Returns how many tensors were cast (bf16 runs and fp32 runs are left as they are)."""
+    if profile.dtype != "float16":
+        return 0
+    cast = [p for p in model.parameters() if p.requires_grad and p.dtype != torch.float32]
+    for p in cast:
+        p.data = p.data.float()
+    return len(cast)
 
 
 def warn_if_too_large(model, peft_config, profile: Profile, overrides: dict) -> None:

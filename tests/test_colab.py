@@ -73,3 +73,24 @@ def test_setup_cell_installs_the_course_next_to_an_existing_torch(tmp_path):
     after = subprocess.run([python, "-c", "import torch; print(torch.__version__, torch.__file__)"],
                            capture_output=True, text=True, check=True).stdout
     assert after == before, "installing the course changed torch"
+
+
+COLAB_PYTHON = "3.12"  # Colab's runtime
+
+
+@pytest.mark.slow
+def test_the_install_set_resolves_for_colabs_python(tmp_path):
+    """What the setup cell installs (this package and its pins) resolves for Colab's Python with
+    binary wheels only: pip's own resolver, without installing (network: the package index)."""
+    report = tmp_path / "report.json"
+    out = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--ignore-installed",
+                          "--report", str(report), "--python-version", COLAB_PYTHON, "--only-binary=:all:",
+                          "--target", str(tmp_path / "target"), str(REPO_ROOT)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    resolved = {i["metadata"]["name"].lower().replace("_", "-"): i["metadata"]["version"]
+                for i in json.loads(report.read_text())["install"]}
+    pins = re.findall(r'"([A-Za-z0-9_.-]+)==([^"]+)"', (REPO_ROOT / "pyproject.toml").read_text().split("[project.optional")[0])
+    assert pins and all(resolved.get(name.lower().replace("_", "-")) == version for name, version in pins), \
+        {name: resolved.get(name.lower().replace("_", "-")) for name, _ in pins}
+    assert "torch" in resolved  # on Colab its preinstalled torch satisfies torch>=2.4 and stays

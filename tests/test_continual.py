@@ -231,3 +231,9 @@ def test_plain_text_rows_train_directly():
     texts = Dataset.from_list([{"text": t} for t in continual.domain_texts()[:16]])
     run = train_sft(model, tokenizer, texts, CI.with_(batch_size=4), max_steps=2)
     assert run.steps == 2 and math.isfinite(run.final_loss)
+
+
+def test_fisher_batches_never_cost_more_than_training(ci_profile):
+    assert continual.fisher_batches(ci_profile) == 16  # ci and cpu: the 16 batches the lab always used
+    assert continual.fisher_batches(ci_profile.with_(max_steps=6)) == 1
+    assert continual.fisher_batches(ci_profile.with_(max_steps=40)) == 10

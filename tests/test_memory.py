@@ -189,3 +189,39 @@ def test_peak_memory_sees_a_large_allocation():
         x.add_(1)
         del x
     assert big.peak_mib > 200 and big.peak_mib > small.peak_mib + 150
+
+
+def test_lab4_grids_are_derived_from_the_profile(ci_profile):
+    """In ci the derived sizes are the ones the lab always measured; a smaller profile shrinks them."""
+    sizes = lab4.grid_sizes(ci_profile)
+    assert sizes["breakdown"] == {"batch_sizes": (4, 16), "seq_lens": (64, 160)}
+    assert sizes["checkpointing"] == {"batch_size": 8, "seq_lens": (64, 128, 256, 512)}
+    assert sizes["activations"] == {"batch_size": 8, "seq_len": 256}
+    assert sizes["optimizers"] == {"batch_size": 8, "seq_len": 128}
+    assert sizes["accumulation"] == {"effective_batch": 32, "seq_len": 128, "micro_batches": (32, 16, 8, 4)}
+    small = lab4.grid_sizes(ci_profile.with_(batch_size=2, max_seq_length=80))
+    assert small["breakdown"] == {"batch_sizes": (1, 2), "seq_lens": (32, 80)}
+    assert small["accumulation"]["micro_batches"] == (4, 2, 1)
+
+
+@pytest.mark.parametrize("gpu", ["t4", "gpu-24gb"])
+def test_every_labs_largest_step_fits_the_profiles_gpu(gpu):
+    """The planner table per lab and GPU profile, on the real architectures (not the stand-ins)."""
+    from labhelpers import profiles
+
+    profile = profiles.get(gpu)
+    plan = lab4.lab_plan(profile)
+    assert set(plan["lab"]) == {"lab1_peft", "lab2_domain", "lab3_merging", "lab4_memory"}
+    assert plan["fits"].all(), plan[~plan["fits"]].to_string()
+    assert (plan["estimated peak (GB)"] <= lab4.HEADROOM * plan["GPU (GB)"]).all()
+    assert profile.base_model.split("/")[-1].lower().startswith(plan["model"].iloc[0])
+    # the lab's grids were fitted: the unfitted largest step would not fit
+    assert not lab4.step_fits(profile, "full", profile.batch_size, profile.max_seq_length,
+                              memory.hub_architecture(profile.base_model))
+
+
+def test_fp16_full_fine_tuning_is_estimated_with_fp32_master_weights():
+    fp16 = memory.estimate_training_step("qwen2.5-coder-0.5b", "full", 1, 128, dtype="float16")
+    bf16 = memory.estimate_training_step("qwen2.5-coder-0.5b", "full", 1, 128, dtype="bfloat16")
+    params = memory.architecture("qwen2.5-coder-0.5b").params
+    assert fp16.weights == fp16.gradients == 4 * params and bf16.weights == 2 * params

@@ -7,6 +7,7 @@ in ``solutions/`` without an entry in ``EFFECTS`` fails: "cells ran" is not enou
 from __future__ import annotations
 
 import json
+import math
 from typing import Callable
 
 import pytest
@@ -103,6 +104,24 @@ def test_notebook_runs_and_shows_its_effect(notebook, tmp_path):
     assert run.passed, f"{notebook.stem} failed at {run.failure.describe()}\n{run.failure.traceback[-3000:]}"
     EFFECTS[notebook.stem](run.metrics)
     assert (tmp_path / notebook.stem / notebook.name).exists()
+
+
+REHEARSAL = "t4-rehearsal"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("notebook", SOLUTION_NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_runs_in_the_t4_rehearsal(notebook, tmp_path, rehearsal_hub):
+    """The t4 profile's code path (Qwen2.5-Coder's architecture, ChatML without generation markers,
+    a 151,936-token vocabulary, fp16 mixed precision, NF4) top to bottom on the CPU, offline. The
+    stand-ins have random weights, so no effect is asserted; the invariants are."""
+    run = run_lab(notebook, tmp_path, profile=REHEARSAL)
+    assert run.passed, f"{notebook.stem} failed at {run.failure.describe()}\n{run.failure.traceback[-3000:]}"
+    assert run.metrics["profile"] == REHEARSAL
+    numbers = {k: v for k, v in run.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    assert numbers and all(math.isfinite(v) for v in numbers.values()), numbers
+    scores = {k: v for k, v in numbers.items() if k.endswith(("pass_at_1", "_sql", "_code"))}
+    assert all(0 <= v <= 1 for v in scores.values()), scores
 
 
 @pytest.mark.parametrize("notebook", NOTEBOOKS + RELEASED_NOTEBOOKS, ids=lambda p: str(p.parent.name))

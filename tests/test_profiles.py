@@ -12,9 +12,16 @@ def test_every_named_profile_resolves():
         assert profiles.get(name).name == name
 
 
-def test_auto_is_cpu_without_cuda(monkeypatch):
+def test_auto_follows_the_hardware(monkeypatch):
+    """cpu without CUDA; on a CUDA machine t4 or gpu-24gb by the device's memory (20 GiB and more)."""
     monkeypatch.delenv("SFTLABS_PROFILE", raising=False)
+    monkeypatch.setattr(profiles.torch.cuda, "is_available", lambda: False)
     assert profiles.get("auto").name == "cpu"
+    for gib, expected in ((15, "t4"), (24, "gpu-24gb"), (139, "gpu-24gb")):
+        monkeypatch.setattr(profiles.torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(profiles.torch.cuda, "get_device_properties",
+                            lambda i, gib=gib: type("Props", (), {"total_memory": gib * 2**30})())
+        assert profiles.get("auto").name == expected, gib
 
 
 def test_auto_honours_environment(monkeypatch):
@@ -57,3 +64,13 @@ def test_cpu_and_smoke_are_ci_with_a_few_fields_changed():
     for name, changed in (("cpu", {"name", "max_steps", "n_eval"}), ("smoke", {"name", "max_steps", "n_eval", "eval_batch_size"})):
         other = dataclasses.asdict(profiles.get(name))
         assert {k for k in ci if ci[k] != other[k]} == changed, name
+
+
+@pytest.mark.parametrize("gpu", ["t4", "gpu-24gb"])
+def test_rehearsal_is_the_gpu_profile_with_only_device_and_counts_changed(gpu):
+    real, rehearsed = dataclasses.asdict(profiles.get(gpu)), dataclasses.asdict(profiles.get(f"{gpu}-rehearsal"))
+    assert {k for k in real if real[k] != rehearsed[k]} <= {
+        "name", "device", "max_steps", "batch_size", "gradient_accumulation_steps", "max_seq_length", "n_eval",
+        "eval_batch_size"}
+    assert rehearsed["device"] == "cpu" and profiles.is_rehearsal(profiles.get(f"{gpu}-rehearsal"))
+    assert not profiles.is_rehearsal(profiles.get(gpu))

@@ -227,3 +227,22 @@ def test_the_profiles_length_group_chooses_the_sampler(ci_profile, length_group,
     assert isinstance(sampler, LengthGroupedBatches) == (length_group > 0)
     if length_group:
         assert sampler.group == length_group and sorted(sampler) == list(range(64))
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
+def test_fp16_runs_train_fp32_master_weights(ci_profile, method):
+    """The dtype policy, as an invariant of every trained model: under fp16 mixed precision the
+    trained parameters are fp32 and the frozen ones keep the profile's fp16."""
+    import torch
+
+    from labhelpers.peft_methods import prepare
+
+    profile = ci_profile.with_(dtype="float16", max_steps=2, batch_size=4)
+    setup = prepare(method, profile)
+    result = train_sft(dataset=load_split("code", "train", 16), profile=profile, **setup)
+    trained = {n: p.dtype for n, p in result.model.named_parameters() if p.requires_grad}
+    frozen = {p.dtype for p in result.model.parameters() if not p.requires_grad}
+    assert trained and set(trained.values()) == {torch.float32}
+    # frozen weights stay as loaded: fp16 under LoRA, 4-bit (uint8-packed) under QLoRA
+    assert method == "full" or {"lora": torch.float16, "qlora": torch.uint8}[method] in frozen
+    assert result.loss_curve["loss"].notna().all()

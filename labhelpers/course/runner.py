@@ -24,8 +24,9 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Iterator
 
+from labhelpers.course import rehearsal
 from labhelpers.paths import REPO_ROOT, build_dir
-from labhelpers.profiles import get
+from labhelpers.profiles import get, is_rehearsal
 from labhelpers.results import load_metrics, write_atomic
 
 KERNEL = "sftlabs"
@@ -283,7 +284,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source", type=Path, default=None)
     args = parser.parse_args(argv)
 
-    profile = get(args.profile).name  # fails early, with the valid names, on a typo; "auto" is resolved here
+    resolved = get(args.profile)  # fails early, with the valid names, on a typo; "auto" is resolved here
+    profile = resolved.name
+    if is_rehearsal(resolved):  # the GPU profile's hub models are the offline stand-ins, built here
+        os.environ.update(rehearsal.environment(rehearsal.build()))
     out = args.out.resolve()  # once, here: everything below gets the absolute folder
     source = args.source.resolve() if args.source else None
     runs = run_labs(out, profile, source)

@@ -11,8 +11,12 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from labhelpers.memory import (
+    CUDA_CONTEXT_GB,
+    Architecture,
     StepMemory,
     estimate_for_profile,
+    estimate_training_step,
+    hub_architecture,
     make_batch,
     measure_training_step,
     profile_architecture,
@@ -20,6 +24,95 @@ from labhelpers.memory import (
 from labhelpers.labs.lab1 import compare_methods
 from labhelpers.peft_methods import TrainingMethod, parse_method, prepare
 from labhelpers.units import MiB
+
+
+HEADROOM = 0.9  # as the planner: a step fits when its peak plus the CUDA context is within 90% of the GPU
+
+
+def grid_sizes(profile, arch: Architecture | None = None) -> dict[str, dict]:
+    """Every batch size and sequence length Lab 4 measures, derived from the profile's batch size ``b``
+    and maximum length ``s`` (in ``ci``, b=16 and s=160: batches 4 and 16, lengths 64 to 512).
+
+    On a profile sized for a GPU (``device_memory_gib``), each experiment's batch is then halved until
+    the estimated peak of its largest step (full fine-tuning, no checkpointing: the lab's most
+    memory-hungry method) fits that GPU with the planner's headroom (:func:`step_fits`); lengths that
+    do not fit even at batch 1 are dropped.
+    """
+    b, s = profile.batch_size, profile.max_seq_length
+    at = lambda fifths: max(8, s * fifths // 5)  # noqa: E731 - lengths in fifths of the maximum
+    sizes = {"breakdown": {"batch_sizes": (max(1, b // 4), b), "seq_lens": (at(2), s)},
+             "activations": {"batch_size": max(1, b // 2), "seq_len": at(8)},
+             "checkpointing": {"batch_size": max(1, b // 2), "seq_lens": (at(2), at(4), at(8), at(16))},
+             "optimizers": {"batch_size": max(1, b // 2), "seq_len": at(4)},
+             "accumulation": {"effective_batch": 2 * b, "seq_len": at(4)},
+             "methods": {"batch_size": b, "seq_len": s}}
+    if profile.device_memory_gib is not None:
+        arch = arch or profile_architecture(profile)
+        for name, grid in sizes.items():
+            key = "batch_sizes" if name == "breakdown" else "effective_batch" if name == "accumulation" else "batch_size"
+            longest = max(grid.get("seq_lens", (grid.get("seq_len", 0),)))
+            largest = max(grid[key]) if isinstance(grid[key], tuple) else grid[key]
+            fitted = largest
+            while fitted > 1 and not step_fits(profile, "full", fitted, longest, arch):
+                fitted //= 2
+            grid[key] = tuple(sorted({max(1, x * fitted // largest) for x in grid[key]})) \
+                if isinstance(grid[key], tuple) else fitted
+            if "seq_lens" in grid:  # at batch 1 and still too long: the longest lengths go
+                fitting = tuple(n for n in grid["seq_lens"] if step_fits(profile, "full", fitted, n, arch))
+                grid["seq_lens"] = fitting or grid["seq_lens"][:1]
+    e = sizes["accumulation"]["effective_batch"]
+    sizes["accumulation"]["micro_batches"] = tuple(sorted({e, max(1, e // 2), max(1, e // 4), max(1, e // 8)},
+                                                          reverse=True))
+    return sizes
+
+
+def step_fits(profile, method: str, batch_size: int, seq_len: int, arch: Architecture | None = None) -> bool:
+    """Whether one training step's estimated peak (plus the CUDA context) is within the planner's
+    headroom of the profile's GPU (``device_memory_gib``; always True for a profile without one)."""
+    if profile.device_memory_gib is None:
+        return True
+    return _peak_gb(profile, method, batch_size, seq_len, arch) <= HEADROOM * profile.device_memory_gib * 2**30 / 1e9
+
+
+def _peak_gb(profile, method, batch_size, seq_len, arch=None) -> float:
+    est = estimate_training_step(arch or profile_architecture(profile), method, batch_size, seq_len,
+                                 dtype=profile.dtype, lora_r=profile.lora_r, lora_targets=profile.target_modules,
+                                 lora_dropout=profile.lora_dropout)
+    return est.peak / 1e9 + CUDA_CONTEXT_GB
+
+
+def lab_plan(profile) -> pd.DataFrame:
+    """The largest training step of every lab in ``profile``, on the real architectures of its models
+    (:func:`memory.hub_architecture`, not the rehearsal stand-ins): estimated peak GB and whether it
+    fits the profile's GPU. Labs 1-3 train at the profile's batch and length (Lab 1 every method;
+    Lab 2 full fine-tuning of the base and a LoRA sweep over ``sweep_models``; Lab 3 full fine-tuning
+    of the experts); Lab 4's grids are :func:`grid_sizes`."""
+    b, s, gc_suffix = profile.batch_size, profile.max_seq_length, "+gc" if profile.gradient_checkpointing else ""
+    base = hub_architecture(profile.base_model)
+    steps = [("lab1_peft", "every method (full is the largest)", base, "full" + gc_suffix, b, s),
+             ("lab2_domain", "full fine-tuning of the base", base, "full" + gc_suffix, b, s),
+             *[("lab2_domain", "LoRA sweep", hub_architecture(m), "lora" + gc_suffix, b, s) for m in profile.sweep_models],
+             ("lab3_merging", "full fine-tuning of each expert", base, "full" + gc_suffix, b, s)]
+    sizes = grid_sizes(profile, base)
+    steps += [("lab4_memory", "breakdown grid", base, "full", max(sizes["breakdown"]["batch_sizes"]),
+               max(sizes["breakdown"]["seq_lens"])),
+              ("lab4_memory", "activations with and without checkpointing", base, "full",
+               sizes["activations"]["batch_size"], sizes["activations"]["seq_len"]),
+              ("lab4_memory", "checkpointing sweep", base, "full", sizes["checkpointing"]["batch_size"],
+               max(sizes["checkpointing"]["seq_lens"])),
+              ("lab4_memory", "optimizers", base, "full", sizes["optimizers"]["batch_size"], sizes["optimizers"]["seq_len"]),
+              ("lab4_memory", "accumulation", base, "full", max(sizes["accumulation"]["micro_batches"]),
+               sizes["accumulation"]["seq_len"]),
+              ("lab4_memory", "methods compared (one full-length step)", base, "full", sizes["methods"]["batch_size"],
+               sizes["methods"]["seq_len"])]
+    gpu_gb = None if profile.device_memory_gib is None else profile.device_memory_gib * 2**30 / 1e9
+    rows = []
+    for lab, step, arch, method, batch, seq in steps:
+        peak = _peak_gb(profile, method, batch, seq, arch)
+        rows.append({"lab": lab, "step": step, "model": arch.name, "method": method, "batch": batch, "seq_len": seq,
+                     "estimated peak (GB)": round(peak, 2), "GPU (GB)": gpu_gb and round(gpu_gb, 1),
+                     "fits": gpu_gb is None or peak <= HEADROOM * gpu_gb})
+    return pd.DataFrame(rows)
 
 
 def setup_training(method: "str | TrainingMethod", profile, lora_r: int | None = None, learning_rate: float = 1e-4):
@@ -169,10 +262,11 @@ def compare_efficiency(profile, methods=("full", "lora", "qlora", "qlora+gc+8bit
     """Train each method on ``task`` with the same data and steps, then measure one full-length step.
 
     Returns one row per method: trainable parameters, measured peak of a step at the profile's batch
-    size and maximum length (and its estimate), seconds per training step, final loss and test score.
+    size (halved until it fits the profile's GPU, :func:`grid_sizes`) and maximum length (and its estimate), seconds per training step, final loss and test score.
     """
     arch = profile_architecture(profile)
-    batch = make_batch(arch.vocab, profile.batch_size, profile.max_seq_length, device=profile.device)
+    size = grid_sizes(profile, arch)["methods"]
+    batch = make_batch(arch.vocab, size["batch_size"], size["seq_len"], device=profile.device)
 
     rows, curves = [], {}
     for method in tqdm(methods, desc="methods", unit="method"):
@@ -183,7 +277,7 @@ def compare_efficiency(profile, methods=("full", "lora", "qlora", "qlora+gc+8bit
         trained = compare_methods([m.base], run_profile, task=task, overrides=overrides, curves=True)
         model, optimizer = setup_training(m, profile)
         step = measure_training_step(model, batch, optimizer)
-        est = estimate_for_profile(profile, m)
+        est = estimate_for_profile(profile, m, size["batch_size"], size["seq_len"])
         row = trained.iloc[0].to_dict()
         curves[m.label] = row.pop("loss_curve")
         rows.append({"method": m.label, "trainable params": row["trainable_params"],

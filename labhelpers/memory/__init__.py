@@ -15,6 +15,7 @@ from labhelpers.memory.architectures import (
     Architecture,
     architecture,
     list_architectures,
+    hub_architecture,
     profile_architecture,
 )
 from labhelpers.memory.estimate import (
@@ -54,7 +55,7 @@ from labhelpers.memory.planner import (
     require_fits,
 )
 
-__all__ = ["SIZE_LABELS", "Architecture", "architecture", "list_architectures", "profile_architecture",
+__all__ = ["SIZE_LABELS", "Architecture", "architecture", "hub_architecture", "list_architectures", "profile_architecture",
            "ESTIMATED_METHODS", "ZERO_STAGES", "adam_state_bytes", "estimate_for_profile", "estimate_training_step",
            "nf4_bytes", "zero_per_gpu", "DTYPE_BYTES", "PeakMemory", "SavedActivations", "StepMemory",
            "gradient_bytes", "make_batch", "measure_peak_memory", "measure_training_step", "optimizer_state_bytes",

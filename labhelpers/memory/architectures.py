@@ -118,5 +118,22 @@ def _from_config(config, name: str) -> Architecture:
 
 
 def profile_architecture(profile) -> Architecture:
-    """The :class:`Architecture` of the profile's base model (a shipped size or a hub id)."""
-    return architecture(model_source(profile.base_model))
+    """The :class:`Architecture` of the profile's base model: a shipped size's folder, or a hub id's
+    config as ``transformers`` resolves it (the hub cache; offline, the rehearsal stand-in's)."""
+    source = model_source(profile.base_model)
+    if Path(source).exists():
+        return architecture(source)
+    return architecture(AutoConfig.from_pretrained(source))
+
+
+def hub_architecture(hub_id: str) -> Architecture:
+    """The real architecture behind a hub id, from the shipped configs (``Qwen/Qwen2.5-Coder-0.5B-Instruct``
+    -> ``qwen2.5-coder-0.5b``), so a GPU profile is planned without its weights, or the rehearsal
+    stand-in in the hub cache being taken for it. A shipped size is its local folder."""
+    if Path(model_source(hub_id)).exists():
+        return architecture(model_source(hub_id))
+    name = hub_id.rsplit("/", 1)[-1].lower().removesuffix("-hf").removesuffix("-instruct")
+    if name not in list_architectures():
+        raise ValueError(f"no shipped architecture for {hub_id!r} (looked for {name!r}); add its config.json as "
+                         f"data/architectures/{name}.json")
+    return architecture(name)

@@ -43,7 +43,7 @@ def estimate_training_step(arch: "Architecture | str", method: "str | TrainingMe
                            lora_dropout: float = 0.0) -> StepMemory:
     """Predict the bytes of one training step from the architecture alone.
 
-    Weights: parameters in ``dtype`` (QLoRA: decoder linears in NF4 with double quantization, the
+    Weights: parameters in ``dtype`` (full fine-tuning in float16: fp32 master weights; QLoRA: decoder linears in NF4 with double quantization, the
     rest in fp32 as ``prepare_model_for_kbit_training`` leaves them). Gradients and AdamW states:
     for the trainable parameters (all, or the LoRA matrices ``r x in`` and ``out x r`` per target).
 
@@ -85,10 +85,11 @@ def estimate_training_step(arch: "Architecture | str", method: "str | TrainingMe
     lora_params = sum(lora_numels)
     other = arch.params - arch.linear_params
 
-    if m.base == "full":
-        weights = arch.params * a
+    if m.base == "full":  # under fp16 mixed precision the trained weights are fp32 (training.keep_trainable_fp32)
+        master = 4 if dtype == "float16" else a
+        weights = arch.params * master
         trainable = [i * o for k, i, o, n in arch.linear_shapes for _ in range(n)] + [other]
-        grads = arch.params * a
+        grads = arch.params * master
     elif m.base == "lora":
         weights = arch.params * a + lora_params * 4
         trainable, grads = lora_numels, lora_params * 4

@@ -245,6 +245,8 @@ def accumulation_table(profile, effective_batch: int = 32, micro_batches=(32, 16
     model, optimizer = setup_training(method, profile)
     rows = []
     for precision in precisions:
+        if precision == profile.dtype and None in precisions:
+            continue  # autocast to the dtype the weights are loaded in is the same run (a bf16 profile)
         for micro in micro_batches:
             if effective_batch % micro:
                 raise ValueError(f"micro-batch {micro} does not divide the effective batch {effective_batch}")

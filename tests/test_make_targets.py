@@ -34,7 +34,8 @@ COVERED = {"labs": "test_make_labs_from_a_scratch_checkout", "test": ".ci/run", 
            "check": "test_instructor_cycle_through_make", "autograde": "test_instructor_cycle_through_make",
            "feedback": "test_instructor_cycle_through_make", "grades": "test_instructor_cycle_through_make",
            "bench": "test_make_bench_quick_writes_every_section", "bench-notebooks": "test_make_bench_notebooks",
-           "gpu-smoke": "test_make_gpu_smoke_dry_run_covers_every_lab"}
+           "gpu-smoke": "test_make_gpu_smoke_dry_run_covers_every_lab",
+           "rehearse": "test_make_rehearse_runs_the_labs_on_the_stand_ins"}
 
 
 def make(repo: Path, *args: str, timeout_s: int = 900) -> subprocess.CompletedProcess:
@@ -229,3 +230,16 @@ def test_make_gpu_smoke_dry_run_covers_every_lab(tmp_path):
     assert report["profile"] == "smoke" and set(report["labs"]) == {"lab1_peft", "lab2_domain", "lab3_merging", "lab4_memory"}
     assert set(report["labs"]["lab4_memory"]) >= {"full", "lora", "qlora+gc", "seconds"}
     assert 0 <= report["labs"]["lab3_merging"]["merged"]["code"] <= 1
+
+
+@pytest.mark.slow
+def test_make_rehearse_runs_the_labs_on_the_stand_ins(tmp_path):
+    """``make rehearse PROFILE=gpu-24gb`` builds the stand-ins in the checkout's own hub cache and runs
+    every lab in ``gpu-24gb-rehearsal`` (here the fixture lab; the four real labs run in t4-rehearsal
+    in tests/test_notebooks.py), offline."""
+    repo = make_in_scratch(tmp_path, {"demo_lab": fixture_lab("demo_lab")}, "rehearse", "PROFILE=gpu-24gb")
+    out = repo / "build" / "rehearsal-gpu-24gb"
+    assert json.loads((out / "demo_lab" / "metrics.json").read_text())["profile"] == "gpu-24gb-rehearsal"
+    hub = repo / "build" / "rehearsal-hub"
+    assert (hub / "models--Qwen--Qwen2.5-Coder-1.5B-Instruct" / "refs" / "main").exists()
+    assert "1 of 1 labs passed." in (out / "summary.md").read_text()

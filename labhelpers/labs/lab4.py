@@ -15,7 +15,6 @@ from labhelpers.memory import (
     Architecture,
     StepMemory,
     estimate_for_profile,
-    estimate_training_step,
     hub_architecture,
     make_batch,
     measure_training_step,
@@ -27,6 +26,9 @@ from labhelpers.units import MiB
 
 
 HEADROOM = 0.9  # as the planner: a step fits when its peak plus the CUDA context is within 90% of the GPU
+
+
+BATCH_KEYS = {"breakdown": "batch_sizes", "accumulation": "effective_batch"}  # the others: "batch_size"
 
 
 def grid_sizes(profile, arch: Architecture | None = None) -> dict[str, dict]:
@@ -49,7 +51,7 @@ def grid_sizes(profile, arch: Architecture | None = None) -> dict[str, dict]:
     if profile.device_memory_gib is not None:
         arch = arch or profile_architecture(profile)
         for name, grid in sizes.items():
-            key = "batch_sizes" if name == "breakdown" else "effective_batch" if name == "accumulation" else "batch_size"
+            key = BATCH_KEYS.get(name, "batch_size")
             longest = max(grid.get("seq_lens", (grid.get("seq_len", 0),)))
             largest = max(grid[key]) if isinstance(grid[key], tuple) else grid[key]
             fitted = largest
@@ -75,10 +77,7 @@ def step_fits(profile, method: str, batch_size: int, seq_len: int, arch: Archite
 
 
 def _peak_gb(profile, method, batch_size, seq_len, arch=None) -> float:
-    est = estimate_training_step(arch or profile_architecture(profile), method, batch_size, seq_len,
-                                 dtype=profile.dtype, lora_r=profile.lora_r, lora_targets=profile.target_modules,
-                                 lora_dropout=profile.lora_dropout)
-    return est.peak / 1e9 + CUDA_CONTEXT_GB
+    return estimate_for_profile(profile, method, batch_size, seq_len, arch).peak / 1e9 + CUDA_CONTEXT_GB
 
 
 def lab_plan(profile) -> pd.DataFrame:
@@ -172,7 +171,7 @@ def measured_vs_estimated(profile, methods=("full", "lora", "qlora", "qlora+gc+8
 def breakdown_grid(profile, methods=("full", "lora", "qlora", "full+gc", "qlora+gc+8bit"),
                    batch_sizes=(4, 16), seq_lens=(64, 160)):
     """Measure one training step of each method at each batch size x sequence length on the profile's
-    base model, next to :func:`estimate_training_step`; one row per run, MiB, with relative errors."""
+    base model, next to :func:`memory.estimate_training_step`; one row per run, MiB, with relative errors."""
     arch = profile_architecture(profile)
     rows = []
     bar = tqdm(total=len(methods) * len(batch_sizes) * len(seq_lens), desc="measure steps", unit="run")

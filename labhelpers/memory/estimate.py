@@ -128,10 +128,11 @@ def estimate_training_step(arch: "Architecture | str", method: "str | TrainingMe
 
 
 def estimate_for_profile(profile, method: "str | TrainingMethod", batch_size: int | None = None,
-                         seq_len: int | None = None) -> StepMemory:
-    """:func:`estimate_training_step` for the profile's base model, dtype and LoRA settings (rank,
-    targets, dropout), at ``batch_size`` x ``seq_len`` (default: the profile's batch and maximum length)."""
-    return estimate_training_step(profile_architecture(profile), method, batch_size or profile.batch_size,
+                         seq_len: int | None = None, arch: Architecture | None = None) -> StepMemory:
+    """:func:`estimate_training_step` for the profile's base model (or ``arch``), dtype and LoRA
+    settings (rank, targets, dropout), at ``batch_size`` x ``seq_len`` (default: the profile's batch
+    and maximum length)."""
+    return estimate_training_step(arch or profile_architecture(profile), method, batch_size or profile.batch_size,
                                   seq_len or profile.max_seq_length, dtype=profile.dtype, lora_r=profile.lora_r,
                                   lora_targets=profile.target_modules, lora_dropout=profile.lora_dropout)
 

@@ -30,7 +30,7 @@ help:
 	@echo "make rehearse [PROFILE=t4|gpu-24gb]  every lab in a GPU profile's code path on the CPU, offline (hub-shaped stand-in models) -> build/rehearsal-<profile>/"
 	@echo "make test     unit tests, notebook runs (ci profile), nbgrader round trip"
 	@echo "make bench    benchmarks side by side -> build/bench.md, build/bench.json (QUICK=1: tiny sizes, seconds)"
-	@echo "make gpu-smoke  each lab's core path on a CUDA machine -> build/gpu-smoke.json (DRY_RUN=1: on the CPU, smoke profile)"
+	@echo "make gpu-smoke  unit tests, then each lab's core path on a CUDA machine -> build/gpu-smoke.json (STAND_INS=1: offline, hub-shaped stand-ins; DRY_RUN=1: on the CPU, smoke profile)"
 	@echo "make bench-notebooks   run every lab in the ci and cpu profiles now and time them (every lab twice: tens of minutes on 2 cores)"
 	@echo "make check LAB=...  run your notebook the way the grader does and list which exercises pass"
 	@echo "make setup | data | base-model [SIZE=micro|tiny|small] [STEPS=n] | release | jupyter | autograde LAB=... | feedback LAB=... | grades"
@@ -83,7 +83,7 @@ bench-notebooks: setup
 	$(PY) -m labhelpers.course.bench --only notebooks --run-notebooks $(NOTEBOOK_PROFILES) --out build
 
 gpu-smoke: setup
-	$(PY) -m labhelpers.course.gpu_smoke --out build/gpu-smoke.json $(if $(DRY_RUN),--dry-run)
+	$(PY) -m labhelpers.course.gpu_smoke --out build/gpu-smoke.json $(if $(DRY_RUN),--dry-run) $(if $(STAND_INS),--stand-ins)
 
 release: setup
 	$(PY) -m labhelpers.course.grading release

@@ -52,6 +52,12 @@ class TrainResult:
     trainable_params: int
     total_params: int
     extra: dict = field(default_factory=dict)
+    train_tokens: int = 0  # input tokens the steps processed (padding excluded)
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Training throughput: :attr:`train_tokens` over the whole run's wall time (first step included)."""
+        return self.train_tokens / self.train_seconds if self.train_seconds > 0 else 0.0
 
     @property
     def final_loss(self) -> float:
@@ -63,7 +69,8 @@ class TrainResult:
         return {"trainable_params": self.trainable_params, "total_params": self.total_params,
                 "trainable_pct": 100 * self.trainable_params / self.total_params,
                 "sec_per_step": self.sec_per_step, "peak_mib": self.peak_mib,
-                "final_train_loss": self.final_loss, "train_seconds": self.train_seconds}
+                "final_train_loss": self.final_loss, "train_seconds": self.train_seconds,
+                "tokens_per_sec": self.tokens_per_second}
 
 
 class _Recorder(TrainerCallback):
@@ -177,7 +184,12 @@ def trainer_class(loss_penalty: Callable[[torch.nn.Module], torch.Tensor] | None
                 rotate_checkpoints(output_dir=str(final), save_total_limit=self.args.save_total_limit,
                                    best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
 
+        train_tokens = 0  # counted per micro-batch in compute_loss (padding excluded)
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if model.training:
+                mask = inputs.get("attention_mask")
+                self.train_tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
             if fused_lm_head:
                 out = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                            num_items_in_batch=num_items_in_batch)
@@ -268,7 +280,8 @@ def train_sft(model, tokenizer, dataset, profile: Profile, peft_config=None, cal
     timed = recorder.step_seconds[1:] or recorder.step_seconds  # the first step pays one-off set-up
     return TrainResult(model=trained, loss_curve=pd.DataFrame(recorder.losses, columns=["step", "loss"]),
                        sec_per_step=statistics.median(timed), peak_mib=peak.peak_mib, train_seconds=train_seconds,
-                       steps=steps, trainable_params=counts["trainable"], total_params=counts["total"])
+                       steps=steps, trainable_params=counts["trainable"], total_params=counts["total"],
+                       train_tokens=trainer.train_tokens)
 
 
 def keep_trainable_fp32(model, profile: Profile) -> int:

@@ -230,6 +230,12 @@ def test_make_gpu_smoke_dry_run_covers_every_lab(tmp_path):
     assert report["profile"] == "smoke" and set(report["labs"]) == {"lab1_peft", "lab2_domain", "lab3_merging", "lab4_memory"}
     assert set(report["labs"]["lab4_memory"]) >= {"full", "lora", "qlora+gc", "seconds"}
     assert 0 <= report["labs"]["lab3_merging"]["merged"]["code"] <= 1
+    labs = report["labs"]  # training throughput of every lab's runs (tokens/s, padding excluded)
+    throughput = [labs["lab1_peft"][m]["tokens_per_sec"] for m in ("lora", "qlora")] + \
+        [labs["lab2_domain"]["tokens_per_sec"], *labs["lab3_merging"]["tokens_per_sec"].values()] + \
+        [labs["lab4_memory"][m]["tokens_per_sec"] for m in ("full", "lora", "qlora+gc")]
+    assert all(t > 0 for t in throughput), throughput
+    assert "unit_tests" not in report  # a dry run is itself part of the suite
 
 
 @pytest.mark.slow

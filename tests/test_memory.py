@@ -215,6 +215,8 @@ def test_every_labs_largest_step_fits_the_profiles_gpu(gpu):
     assert plan["fits"].all(), plan[~plan["fits"]].to_string()
     assert (plan["estimated peak (GB)"] <= lab4.HEADROOM * plan["GPU (GB)"]).all()
     assert profile.base_model.split("/")[-1].lower().startswith(plan["model"].iloc[0])
+    large = plan[plan["step"] == "QLoRA on the large model"]  # Lab 1's 7B run, on a 4-bit base
+    assert list(large["model"]) == ["codellama-7b"] and large["method"].iloc[0].startswith("qlora")
     # the lab's grids were fitted: the unfitted largest step would not fit
     assert not lab4.step_fits(profile, "full", profile.batch_size, profile.max_seq_length,
                               memory.hub_architecture(profile.base_model))

@@ -34,6 +34,9 @@ def _lab1(m: dict) -> None:
     assert m["merged_lora_pass_at_1"] >= m["lora_pass_at_1"] - 0.05
     for method in ("full", "dora", "adalora", "ia3", "bottleneck"):
         assert m[f"{method}_pass_at_1"] > m["base_pass_at_1"], method
+    # QLoRA on the profile's large model (the tiny model stands in for CodeLlama-7B in ci)
+    assert m["large_model_final_loss"] < m["large_model_first_loss"]
+    assert m["large_model_pass_at_1"] >= m["large_model_pass_at_1_before"]
 
 
 def _lab2(m: dict) -> None:
@@ -51,9 +54,11 @@ def _lab2(m: dict) -> None:
     assert m["cl_forgetting_sequential"] >= 0.2
     assert m["cl_forgetting_replay"] < m["cl_forgetting_sequential"] - 0.1
     assert m["cl_average_accuracy_replay"] > m["cl_average_accuracy_sequential"]
-    # the sweep covered two sizes, and each size found settings that learn
+    # the sweep covered two sizes, each size found settings that learn, and the larger base got further
+    # in the same short budget (micro, 0.3M parameters, learns the schema-prefixed prompts slowly)
     assert m["sweep_models"] == 2 and m["sweep_runs"] >= 8
-    assert m["sweep_best_score_micro"] > 0.3 and m["sweep_best_score_tiny"] > 0.3
+    assert m["sweep_best_score_micro"] > m["base_sql"] + 0.1 and m["sweep_best_score_tiny"] > 0.3
+    assert m["sweep_best_score_tiny"] > m["sweep_best_score_micro"]
 
 
 def _lab3(m: dict) -> None:

@@ -139,3 +139,14 @@ def test_split_keys_refuses_impossible_sizes():
         split_keys(range(3), {"train": 2, "test": 2}, seed=0)
     parts = split_keys(range(10), {"a": 4, "b": 6}, seed=random.randrange(100))
     assert sorted(parts["a"] + parts["b"]) == list(range(10))
+
+
+def test_every_sql_question_names_the_tables_columns():
+    """A real model cannot know the table: each prompt's first line names it with its columns, the
+    columns the database really has, in order."""
+    columns = [r[1] for r in sql.build_database().execute("PRAGMA table_info(employees)").fetchall()]
+    assert sql.PROMPT_SCHEMA == f"Table employees({', '.join(columns)})."
+    for split in ("train", "validation", "test"):
+        for row in load_split("sql", split):
+            schema, question = row["messages"][0]["content"].split("\n", 1)
+            assert schema == sql.PROMPT_SCHEMA and question.endswith(("?", "."))

@@ -246,3 +246,20 @@ def test_fp16_runs_train_fp32_master_weights(ci_profile, method):
     # frozen weights stay as loaded: fp16 under LoRA, 4-bit (uint8-packed) under QLoRA
     assert method == "full" or {"lora": torch.float16, "qlora": torch.uint8}[method] in frozen
     assert result.loss_curve["loss"].notna().all()
+
+
+def test_train_tokens_count_each_micro_batch_without_padding(ci_profile):
+    """Throughput is measured in the tokens the steps processed: 3 steps x 2 micro-batches x 4 rows of
+    one conversation of L tokens are 24 L tokens (a token count, not a row count or padded length)."""
+    from datasets import Dataset
+
+    from labhelpers.data import sft_dataset
+
+    profile = ci_profile.with_(max_steps=3, batch_size=4, gradient_accumulation_steps=2)
+    model, tokenizer = load_model(profile)
+    rows = Dataset.from_list([{"messages": load_split("sql", "train", 1)[0]["messages"]}] * 32)
+    length = len(sft_dataset(rows, tokenizer)[0][0]["input_ids"])
+    result = train_sft(model, tokenizer, rows, profile)
+    assert result.train_tokens == 3 * 2 * 4 * length
+    assert result.tokens_per_second == pytest.approx(result.train_tokens / result.train_seconds)
+    assert result.summary()["tokens_per_sec"] > 0

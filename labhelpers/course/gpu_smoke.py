@@ -1,10 +1,15 @@
 """``make gpu-smoke``: each lab's core path in the ``t4`` profile, shortened, on a CUDA machine.
 
-Writes ``build/gpu-smoke.json``: per lab the wall time, peak memory
-(:func:`labhelpers.memory.measure_peak_memory`: on CUDA ``torch.cuda.max_memory_allocated``, on the
-CPU the resident set), time per training step and scores. Meant to finish in under 8 minutes on one
-modern GPU (hub models must be downloadable or cached there). ``--dry-run`` runs the very same code on the CPU with the ``smoke``
-profile (the test suite does this), so the script cannot rot where no GPU is around.
+It starts with the unit tests on that machine (``pytest -m "not slow"``, unless ``--skip-unit-tests``),
+then runs the labs' own drivers and writes ``build/gpu-smoke.json``: the unit-test counts, and per lab
+the wall time, peak memory (:func:`labhelpers.memory.measure_peak_memory`: on CUDA
+``torch.cuda.max_memory_allocated``, on the CPU the resident set), time per training step, training
+throughput (tokens/s, padding excluded) and scores. Meant to finish in under 8 minutes on one modern
+GPU. The hub models must be downloadable or cached there; on a machine without a network,
+``--stand-ins`` runs the same ``t4`` code path on CUDA with the hub-shaped stand-ins of
+:mod:`labhelpers.course.rehearsal` (the rehearsal counts: speed, memory and dtype behaviour are
+real, scores are not). ``--dry-run`` runs the very same code on the CPU with the ``smoke`` profile
+(the test suite does this), so the script cannot rot where no GPU is around.
 
 Core paths: Lab 1 LoRA and QLoRA on code; Lab 2 full fine-tuning on SQL and the forgetting probe;
 Lab 3 two experts and their TIES merge; Lab 4 the measured step of full/LoRA/QLoRA next to the estimate.
@@ -14,20 +19,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import tempfile
 import time
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import torch
 
 from labhelpers import merging, profiles
+from labhelpers.course import rehearsal
 from labhelpers.continual import all_scores
 from labhelpers.labs import lab3, lab4
 from labhelpers.labs.lab1 import compare_methods
 from labhelpers.memory import measure_peak_memory
 from labhelpers.models import load_model
-from labhelpers.paths import build_dir
+from labhelpers.paths import REPO_ROOT, build_dir
 from labhelpers.tasks import task_rows
 from labhelpers.training import fine_tune
 
@@ -35,6 +44,7 @@ from labhelpers.training import fine_tune
 def smoke_lab1(profile) -> dict:
     table = compare_methods(["lora", "qlora"], profile).set_index("method")
     return {m: {"pass_at_1": float(table.loc[m, "score_test"]), "sec_per_step": float(table.loc[m, "sec_per_step"]),
+                "tokens_per_sec": float(table.loc[m, "tokens_per_sec"]),
                 "trainable_pct": float(table.loc[m, "trainable_pct"])} for m in table.index}
 
 
@@ -43,15 +53,16 @@ def smoke_lab2(profile) -> dict:
     before = all_scores(model, tokenizer, profile)
     run = fine_tune(model, tokenizer, task_rows("sql", "train"), profile, profile.max_steps)
     after = all_scores(run.model, tokenizer, profile)
-    return {"before": before, "after": after, "sec_per_step": run.sec_per_step}
+    return {"before": before, "after": after, "sec_per_step": run.sec_per_step, "tokens_per_sec": run.tokens_per_second}
 
 
 def smoke_lab3(profile, work: Path) -> dict:
-    code, _ = lab3.train_expert(["code"], profile, work / "code", profile.max_steps)
-    sql, _ = lab3.train_expert(["sql"], profile, work / "sql", profile.max_steps)
+    code, code_run = lab3.train_expert(["code"], profile, work / "code", profile.max_steps)
+    sql, sql_run = lab3.train_expert(["sql"], profile, work / "sql", profile.max_steps)
     report = merging.merge_checkpoints([code, sql], work / "ties", "ties",
                                        base=lab3.local_checkpoint(profile.base_model), density=0.5)
-    return {"merge_seconds": report.seconds, "merged": lab3.score_folder(report.folder, profile)}
+    return {"tokens_per_sec": {"code": code_run.tokens_per_second, "sql": sql_run.tokens_per_second},
+            "merge_seconds": report.seconds, "merged": lab3.score_folder(report.folder, profile)}
 
 
 def smoke_lab4(profile) -> dict:
@@ -59,24 +70,55 @@ def smoke_lab4(profile) -> dict:
     return {row.pop("method"): row for row in table.to_dict("records")}
 
 
-def smoke_profile(dry_run: bool):
-    """``smoke`` on the CPU for a dry run; else ``t4`` cut to a few minutes."""
+def smoke_profile(dry_run: bool, stand_ins: bool = False):
+    """``smoke`` on the CPU for a dry run; ``t4``'s rehearsal on CUDA with the stand-ins; else ``t4``
+    cut to a few minutes."""
     if dry_run:
         return profiles.get("smoke")
+    if stand_ins:
+        return profiles.get("t4").rehearsal().with_(name="t4-stand-ins", device="cuda")
     return profiles.get("t4").with_(name="t4-smoke", max_steps=30, n_eval=32, eval_batch_size=32)
+
+
+def run_unit_tests(root: Path | None = None) -> dict:
+    """``pytest -m "not slow"`` in a child process on this machine: counts from its JUnit report, the
+    exit code and the first failures' names (the suite must pass where CUDA exists too)."""
+    root = root or REPO_ROOT
+    with tempfile.TemporaryDirectory(prefix="sftlabs-unit-") as tmp:
+        report = Path(tmp) / "junit.xml"
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "not slow", "-p", "no:cacheprovider",
+                               f"--junitxml={report}", "tests"], cwd=root, capture_output=True, text=True)
+        seconds = time.perf_counter() - start
+        if not report.exists():
+            return {"returncode": proc.returncode, "seconds": seconds, "error": (proc.stdout + proc.stderr)[-2000:]}
+        suite = ET.parse(report).getroot()
+        suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+        counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+        failed = [f"{case.get('classname')}::{case.get('name')}" for case in suite.iter("testcase")
+                  if case.find("failure") is not None or case.find("error") is not None]
+    return {"returncode": proc.returncode, "seconds": seconds, **counts, "failed": failed[:20]}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="run on the CPU with the smoke profile")
+    parser.add_argument("--stand-ins", action="store_true",
+                        help="offline: the t4 code path on CUDA with the hub-shaped stand-in models")
+    parser.add_argument("--skip-unit-tests", action="store_true", help="do not run the unit tests first")
     parser.add_argument("--out", type=Path, default=build_dir() / "gpu-smoke.json")
     args = parser.parse_args(argv)
     if not args.dry_run and not torch.cuda.is_available():
         print("no CUDA device: run on a GPU machine, or pass --dry-run to check the script on the CPU")
         return 2
-    profile = smoke_profile(args.dry_run)
+    profile = smoke_profile(args.dry_run, args.stand_ins)
     report = {"profile": profile.name, "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() and not args.dry_run
               else "cpu", "torch": torch.__version__, "labs": {}}
+    if not (args.dry_run or args.skip_unit_tests):  # a dry run is itself part of the test suite
+        report["unit_tests"] = run_unit_tests()
+        print(f"unit tests: {report['unit_tests']}", flush=True)
+    if args.stand_ins:
+        os.environ.update(rehearsal.environment(rehearsal.build()))
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="sftlabs-gpu-smoke-") as tmp:
         for name, fn in (("lab1_peft", smoke_lab1), ("lab2_domain", smoke_lab2),
@@ -90,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2, default=float) + "\n")
     print(f"wrote {args.out} ({report['seconds']:.0f} s)")
-    return 0
+    return 1 if report.get("unit_tests", {}).get("returncode") else 0
 
 
 if __name__ == "__main__":

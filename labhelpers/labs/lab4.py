@@ -85,10 +85,11 @@ def lab_plan(profile) -> pd.DataFrame:
     (:func:`memory.hub_architecture`, not the rehearsal stand-ins): estimated peak GB and whether it
     fits the profile's GPU. Labs 1-3 train at the profile's batch and length (Lab 1 every method;
     Lab 2 full fine-tuning of the base and a LoRA sweep over ``sweep_models``; Lab 3 full fine-tuning
-    of the experts); Lab 4's grids are :func:`grid_sizes`."""
+    of the experts; Lab 1 also QLoRA on ``large_model``); Lab 4's grids are :func:`grid_sizes`."""
     b, s, gc_suffix = profile.batch_size, profile.max_seq_length, "+gc" if profile.gradient_checkpointing else ""
     base = hub_architecture(profile.base_model)
     steps = [("lab1_peft", "every method (full is the largest)", base, "full" + gc_suffix, b, s),
+             ("lab1_peft", "QLoRA on the large model", hub_architecture(profile.large_model), "qlora" + gc_suffix, b, s),
              ("lab2_domain", "full fine-tuning of the base", base, "full" + gc_suffix, b, s),
              *[("lab2_domain", "LoRA sweep", hub_architecture(m), "lora" + gc_suffix, b, s) for m in profile.sweep_models],
              ("lab3_merging", "full fine-tuning of each expert", base, "full" + gc_suffix, b, s)]
@@ -152,7 +153,8 @@ def _rows(method, measured: StepMemory, estimated: StepMemory | None, **keys) ->
 
 def measured_vs_estimated(profile, methods=("full", "lora", "qlora", "qlora+gc+8bit")) -> pd.DataFrame:
     """One training step of each method at the profile's batch size and maximum length, measured next
-    to :func:`memory.estimate_training_step`: peaks and totals (MiB), their ratio, seconds per step."""
+    to :func:`memory.estimate_training_step`: peaks and totals (MiB), their ratio, seconds per step and
+    tokens per second (the batch has no padding)."""
     arch = profile_architecture(profile)
     batch = make_batch(arch.vocab, profile.batch_size, profile.max_seq_length, device=profile.device)
     rows = []
@@ -163,7 +165,8 @@ def measured_vs_estimated(profile, methods=("full", "lora", "qlora", "qlora+gc+8
         rows.append({"method": parse_method(method).label, "measured_peak_mib": measured.peak / MiB,
                      "estimated_peak_mib": estimated.peak / MiB, "estimate_over_measured": estimated.peak / measured.peak,
                      "measured_total_mib": measured.total / MiB, "estimated_total_mib": estimated.total / MiB,
-                     "seconds_per_step": measured.details["seconds"]})
+                     "seconds_per_step": measured.details["seconds"],
+                     "tokens_per_sec": batch["input_ids"].numel() / measured.details["seconds"]})
         del model, optimizer
     return pd.DataFrame(rows)
 

@@ -3,7 +3,8 @@
 The database (one ``employees`` table, seeded rows) is built by :func:`build_database`; its SQL text
 is also written to ``data/sql_company.sql`` by ``make data``. Questions compose a *target* (count,
 average/max/min/sum of a column, names) with a *filter* (department, city, age or salary
-threshold). Scoring is execution accuracy: the predicted query and the gold query run on the real
+threshold). Every question carries the table's columns on its first line (:data:`PROMPT_SCHEMA`): a real model
+cannot know the table otherwise, and a text-to-SQL prompt states its schema. Scoring is execution accuracy: the predicted query and the gold query run on the real
 database (read-only, time-limited, SELECT only) and their result multisets must be equal.
 """
 
@@ -21,6 +22,7 @@ from labhelpers.tasks.base import Task, chat_row, split_keys
 
 SCHEMA = ("CREATE TABLE employees (id INTEGER PRIMARY KEY, name TEXT NOT NULL, department TEXT NOT NULL, "
           "city TEXT NOT NULL, age INTEGER NOT NULL, salary INTEGER NOT NULL);")
+PROMPT_SCHEMA = "Table employees(id, name, department, city, age, salary)."  # first line of every question
 DEPARTMENTS = ("Sales", "Engineering", "Marketing", "Finance", "Support", "Legal")
 CITIES = ("Paris", "Berlin", "Madrid", "Rome", "Vienna", "Oslo")
 FIRST_NAMES = ("Ana", "Ben", "Cara", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jon", "Kim", "Lea",
@@ -78,12 +80,13 @@ def build_database() -> sqlite3.Connection:
 
 
 def render(problem: tuple[str, str, object]) -> tuple[str, str]:
-    """(question, gold SQL) of a (target, filter, value) problem."""
+    """(prompt, gold SQL) of a (target, filter, value) problem; the prompt is the schema line, then the
+    question."""
     target, filt, value = problem
     prefix, select = TARGETS[target]
     suffix, where = (s.format(x=value) for s in FILTERS[filt])
     question = f"{prefix} {suffix}?" if target != "names" else f"{prefix} {suffix}."
-    return question, f"SELECT {select} FROM employees WHERE {where};"
+    return f"{PROMPT_SCHEMA}\n{question}", f"SELECT {select} FROM employees WHERE {where};"
 
 
 def generate(seed: int = 0) -> dict[str, list[dict]]:

@@ -100,9 +100,14 @@ def compare_merge(tensor_fn: Callable, method: str, models: Sequence[str | Path]
     """Merge real checkpoints with your per-tensor function and with the reference method; return the
     largest absolute difference over all tensors beyond the rounding of the stored dtype (two steps of
     its precision, ``2 eps |w|``: bf16 or fp16 checkpoints round what two correct merges compute in
-    fp32 a step apart; fp32 ones are compared almost exactly). 0 means identical up to that rounding."""
+    fp32 a step apart; fp32 ones are compared almost exactly). 0 means identical up to that rounding.
+    Your function gets the tensors in float32, as the reference computes (in bf16, ``e - b`` alone
+    rounds by a step of ``|b|``, more than the merged weight's rounding where they nearly cancel)."""
+    def in_fp32(name, base_tensor, experts):
+        return tensor_fn(name, None if base_tensor is None else base_tensor.float(), [e.float() for e in experts])
+
     with tempfile.TemporaryDirectory(prefix="sftlabs-merge-") as tmp:
-        ours = merge_checkpoints(models, Path(tmp) / "yours", method, base=base, tensor_fn=tensor_fn, **knobs)
+        ours = merge_checkpoints(models, Path(tmp) / "yours", method, base=base, tensor_fn=in_fp32, **knobs)
         reference = merge_checkpoints(models, Path(tmp) / "reference", method, base=base, **knobs)
         a, b = Checkpoint(ours.folder), Checkpoint(reference.folder)
         return max(_beyond_rounding(a[n], b[n]) for n in b.tensors if b.tensors[n].end > b.tensors[n].start)

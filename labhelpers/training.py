@@ -184,12 +184,13 @@ def trainer_class(loss_penalty: Callable[[torch.nn.Module], torch.Tensor] | None
                 rotate_checkpoints(output_dir=str(final), save_total_limit=self.args.save_total_limit,
                                    best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
 
-        train_tokens = 0  # counted per micro-batch in compute_loss (padding excluded)
+        train_tokens = 0  # summed per micro-batch in compute_loss (padding excluded); a tensor on the
+        # device once a mask is added, read once after training (no host sync per step)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if model.training:
                 mask = inputs.get("attention_mask")
-                self.train_tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
+                self.train_tokens = self.train_tokens + (mask.sum() if mask is not None else inputs["input_ids"].numel())
             if fused_lm_head:
                 out = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                            num_items_in_batch=num_items_in_batch)
@@ -281,7 +282,7 @@ def train_sft(model, tokenizer, dataset, profile: Profile, peft_config=None, cal
     return TrainResult(model=trained, loss_curve=pd.DataFrame(recorder.losses, columns=["step", "loss"]),
                        sec_per_step=statistics.median(timed), peak_mib=peak.peak_mib, train_seconds=train_seconds,
                        steps=steps, trainable_params=counts["trainable"], total_params=counts["total"],
-                       train_tokens=trainer.train_tokens)
+                       train_tokens=int(trainer.train_tokens))
 
 
 def keep_trainable_fp32(model, profile: Profile) -> int:

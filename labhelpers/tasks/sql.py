@@ -3,8 +3,9 @@
 The database (one ``employees`` table, seeded rows) is built by :func:`build_database`; its SQL text
 is also written to ``data/sql_company.sql`` by ``make data``. Questions compose a *target* (count,
 average/max/min/sum of a column, names) with a *filter* (department, city, age or salary
-threshold). Every question carries the table's columns on its first line (:data:`PROMPT_SCHEMA`): a real model
-cannot know the table otherwise, and a text-to-SQL prompt states its schema. Scoring is execution accuracy: the predicted query and the gold query run on the real
+threshold). Every question carries the table's columns on its first line (:data:`PROMPT_SCHEMA`):
+a real model cannot know the table otherwise, and a text-to-SQL prompt states its schema. Scoring is
+execution accuracy: the predicted query and the gold query run on the real
 database (read-only, time-limited, SELECT only) and their result multisets must be equal.
 """
 

@@ -70,13 +70,13 @@ class Profile:
 
 
 REHEARSAL_SUFFIX = "-rehearsal"
-REHEARSAL_STEPS, REHEARSAL_SEQ, REHEARSAL_EVAL = 4, 160, 8
+REHEARSAL_STEPS, REHEARSAL_SEQ, REHEARSAL_EVAL = 2, 160, 8
 _ATTN_MLP = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 PROFILES: dict[str, Profile] = {
     "ci": Profile(name="ci", base_model="tiny", large_model="tiny", sweep_models=("micro", "tiny"),
                   device="cpu", dtype="float32", max_seq_length=160, batch_size=16,
-                  gradient_accumulation_steps=1, max_steps=300, learning_rate=3e-3, full_ft_learning_rate=1e-3,
+                  gradient_accumulation_steps=1, max_steps=200, learning_rate=3e-3, full_ft_learning_rate=1e-3,
                   lora_r=4, lora_alpha=16, lora_dropout=0.0, target_modules=_ATTN_MLP,
                   gradient_checkpointing=False, n_eval=100, eval_batch_size=100, fused_lm_head=False),
     "t4": Profile(name="t4", base_model="Qwen/Qwen2.5-Coder-0.5B-Instruct",

@@ -80,12 +80,11 @@ def test_hidden_tests_never_released():
 @pytest.mark.parametrize("lab", SOLUTION_LABS)
 def test_every_released_answer_is_stripped(lab):
     """What a student gets cannot pass an exercise untouched: every autograded answer cell of the
-    release raises NotImplementedError, and no solution or hidden test is left in it."""
+    release raises NotImplementedError (that no solution or hidden test is left anywhere in it is
+    test_hidden_tests_never_released)."""
     nb = json.loads((REPO_ROOT / "labs" / lab / f"{lab}.ipynb").read_text())
     graded = [c for c in nb["cells"] if c["metadata"].get("nbgrader", {}).get("solution")]
     assert graded, f"{lab} has no exercise"
     for cell in graded:
         source = "".join(cell["source"])
-        assert "raise NotImplementedError()" in source and "### BEGIN SOLUTION" not in source, source[:300]
-    text = "".join("".join(c["source"]) for c in nb["cells"])
-    assert "BEGIN HIDDEN TESTS" not in text and "### BEGIN SOLUTION" not in text
+        assert "raise NotImplementedError()" in source, source[:300]

@@ -262,9 +262,22 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 def run_tests_batch(codes: Sequence[str], tests: Sequence[Sequence[str]], workers: int = 2,
                     timeout_s: float = 5.0) -> list[bool]:
-    """pass/fail of each (code, tests) pair; a hostile program fails alone and the batch goes on."""
+    """pass/fail of each (code, tests) pair; a hostile program fails alone and the batch goes on.
+
+    Each distinct pair is judged once per process (:func:`verdict`): a completion that another model
+    (or merge, or adapter) already wrote for the same row is not run again."""
     if len(codes) != len(tests):
         raise ValueError(f"got {len(codes)} programs but {len(tests)} test lists; pass one test list per program")
+    pairs = [(code, tuple(row_tests)) for code, row_tests in zip(codes, tests)]
+    distinct = list(dict.fromkeys(pairs))
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = pool.map(lambda pair: run_python(pair[0], pair[1], timeout_s=timeout_s).passed, zip(codes, tests))
-        return list(results)
+        verdicts = dict(zip(distinct, pool.map(lambda pair: verdict(*pair, timeout_s=timeout_s), distinct)))
+    return [verdicts[pair] for pair in pairs]
+
+
+@functools.lru_cache(maxsize=16384)
+def verdict(code: str, tests: tuple[str, ...], timeout_s: float = 5.0) -> bool:
+    """Whether ``code`` passes ``tests`` in the sandbox (:func:`run_python`), remembered for this process.
+    The harness is deterministic for a given program and test list, up to what the program itself makes
+    random; a scorer counts such a program once either way."""
+    return run_python(code, list(tests), timeout_s=timeout_s).passed

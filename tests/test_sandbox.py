@@ -122,6 +122,20 @@ def test_output_is_truncated(leftovers):
     assert len(result.stdout) <= 1000
 
 
+def test_each_distinct_program_and_test_list_runs_once(monkeypatch):
+    runs = []
+    real = sandbox.run_python
+    monkeypatch.setattr(sandbox, "run_python", lambda code, tests, **kw: runs.append(code) or real(code, tests, **kw))
+    sandbox.verdict.cache_clear()
+    wrong = "def f(x):\n    return x\n"
+    assert sandbox.run_tests_batch([GOOD, wrong, GOOD], [TESTS] * 3) == [True, False, True]
+    assert sandbox.run_tests_batch([wrong, GOOD], [TESTS, TESTS]) == [False, True]
+    assert sorted(runs) == sorted([GOOD, wrong])  # three programs, then two more: two runs
+    assert sandbox.run_tests_batch([GOOD], [["assert f(2) == 3"]]) == [True]  # another test list: judged again
+    assert len(runs) == 3
+    sandbox.verdict.cache_clear()
+
+
 def test_bad_limits_and_mismatched_batch_raise():
     with pytest.raises(ValueError, match="positive"):
         sandbox.run_python(GOOD, TESTS, timeout_s=0)

@@ -1,4 +1,5 @@
-"""Every lab notebook runs headlessly in the ``ci`` profile and shows its effect.
+"""Every lab notebook runs headlessly in the ``ci`` profile and shows its effect, and is graded by
+nbgrader to full marks in the ``t4`` rehearsal.
 
 The fixture ``demo_lab`` proves the harness itself (parameters injection, metrics capture). A lab
 in ``solutions/`` without an entry in ``EFFECTS`` fails: "cells ran" is not enough.
@@ -8,12 +9,15 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from typing import Callable
 
 import pytest
 
 from helpers import FIXTURES, RELEASED_NOTEBOOKS, SOLUTION_NOTEBOOKS
+from labhelpers.course import grading
 from labhelpers.course.runner import discover, run_lab
+from labhelpers.results import load_metrics
 
 
 def _demo(metrics: dict) -> None:
@@ -118,17 +122,36 @@ REHEARSAL = "t4-rehearsal"
 
 @pytest.mark.slow
 @pytest.mark.parametrize("notebook", SOLUTION_NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs_in_the_t4_rehearsal(notebook, tmp_path, rehearsal_hub):
+def test_notebook_runs_and_grades_in_the_t4_rehearsal(notebook, tmp_path, rehearsal_hub):
     """The t4 profile's code path (Qwen2.5-Coder's architecture, ChatML without generation markers,
-    a 151,936-token vocabulary, fp16 mixed precision, NF4) top to bottom on the CPU, offline. The
-    stand-ins have random weights, so no effect is asserted; the invariants are."""
-    run = run_lab(notebook, tmp_path, profile=REHEARSAL)
-    assert run.passed, f"{notebook.stem} failed at {run.failure.describe()}\n{run.failure.traceback[-3000:]}"
-    assert run.metrics["profile"] == REHEARSAL
-    numbers = {k: v for k, v in run.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    a 151,936-token vocabulary, fp16 mixed precision, NF4) top to bottom on the CPU, offline, run the
+    way an instructor grades: nbgrader releases the lab and autogrades its solution, which must earn
+    full marks with no error in any cell. The stand-ins have random weights, so no effect is
+    asserted; the invariants are. (One run serves both checks: a separate round trip in the grading
+    profile would execute every cell of every lab a third time; the grading profile's code path is
+    the ``ci`` one, run above, with fewer steps.)"""
+    lab, results = notebook.stem, tmp_path / "results"
+    scores = grading.round_trip(tmp_path / "course", lab, blank=False,
+                                env={"SFTLABS_PROFILE": REHEARSAL, "SFTLABS_RESULTS": str(results)})
+    solution = scores["solution"]
+    assert 0 < solution["max_score"] == solution["score"], solution["cells"]
+    executed = tmp_path / "course" / "autograded" / "solution" / lab / f"{lab}.ipynb"
+    errors = error_cells(executed)  # nbgrader goes on past an error in an ungraded cell
+    assert not errors, f"{lab} fails in {REHEARSAL}: {errors}"
+    metrics = load_metrics(lab, results)
+    assert metrics["profile"] == REHEARSAL
+    numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     assert numbers and all(math.isfinite(v) for v in numbers.values()), numbers
     scores = {k: v for k, v in numbers.items() if k.endswith(("pass_at_1", "_sql", "_code"))}
     assert all(0 <= v <= 1 for v in scores.values()), scores
+
+
+def error_cells(notebook: Path) -> list[str]:
+    """``"In [n]: ename: evalue"`` for every cell of an executed notebook that shows an error."""
+    nb = json.loads(notebook.read_text())
+    return [f"In [{c.get('execution_count')}]: {o['ename']}: {o['evalue']}"[:300]
+            for c in nb["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])
+            if o.get("output_type") == "error"]
 
 
 @pytest.mark.parametrize("notebook", NOTEBOOKS + RELEASED_NOTEBOOKS, ids=lambda p: str(p.parent.name))

@@ -192,13 +192,13 @@ def test_peak_memory_sees_a_large_allocation():
 
 
 def test_lab4_grids_are_derived_from_the_profile(ci_profile):
-    """In ci the derived sizes are the ones the lab always measured; a smaller profile shrinks them."""
+    """In ci (batch 8, length 160) the derived sizes; a smaller profile shrinks them."""
     sizes = lab4.grid_sizes(ci_profile)
-    assert sizes["breakdown"] == {"batch_sizes": (4, 16), "seq_lens": (64, 160)}
-    assert sizes["checkpointing"] == {"batch_size": 8, "seq_lens": (64, 128, 256, 512)}
-    assert sizes["activations"] == {"batch_size": 8, "seq_len": 256}
-    assert sizes["optimizers"] == {"batch_size": 8, "seq_len": 128}
-    assert sizes["accumulation"] == {"effective_batch": 32, "seq_len": 128, "micro_batches": (32, 16, 8, 4)}
+    assert sizes["breakdown"] == {"batch_sizes": (2, 8), "seq_lens": (64, 160)}
+    assert sizes["checkpointing"] == {"batch_size": 4, "seq_lens": (64, 128, 256, 512)}
+    assert sizes["activations"] == {"batch_size": 4, "seq_len": 256}
+    assert sizes["optimizers"] == {"batch_size": 4, "seq_len": 128}
+    assert sizes["accumulation"] == {"effective_batch": 16, "seq_len": 128, "micro_batches": (16, 8, 4, 2)}
     small = lab4.grid_sizes(ci_profile.with_(batch_size=2, max_seq_length=80))
     assert small["breakdown"] == {"batch_sizes": (1, 2), "seq_lens": (32, 80)}
     assert small["accumulation"]["micro_batches"] == (4, 2, 1)

@@ -33,7 +33,7 @@ BATCH_KEYS = {"breakdown": "batch_sizes", "accumulation": "effective_batch"}  # 
 
 def grid_sizes(profile, arch: Architecture | None = None) -> dict[str, dict]:
     """Every batch size and sequence length Lab 4 measures, derived from the profile's batch size ``b``
-    and maximum length ``s`` (in ``ci``, b=16 and s=160: batches 4 and 16, lengths 64 to 512).
+    and maximum length ``s`` (in ``ci``, b=8 and s=160: batches 2 and 8, lengths 64 to 512).
 
     On a profile sized for a GPU (``device_memory_gib``), each experiment's batch is then halved until
     the estimated peak of its largest step (full fine-tuning, no checkpointing: the lab's most

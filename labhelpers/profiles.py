@@ -98,8 +98,9 @@ PROFILES: dict[str, Profile] = {
 # ``cpu``: the ``ci`` settings with twice the batch, more steps and the whole evaluation splits (a
 # student's laptop). ``ci`` halves the batch: each lab still shows its effect, in about a third less time.
 PROFILES["cpu"] = PROFILES["ci"].with_(name="cpu", batch_size=16, max_steps=800, n_eval=None)
-# ``smoke``: the fewest steps and examples that still execute every cell; used only where effects are
-# asserted elsewhere (the nbgrader round trip), never to show a lab's results.
+# ``smoke``: the fewest steps and examples that still execute every cell: the grading profile (instructors
+# autograde in it; the ``ci`` runs assert the effects of the same code path) and dry runs, never to show
+# a lab's results.
 PROFILES["smoke"] = PROFILES["ci"].with_(name="smoke", max_steps=4, n_eval=8, eval_batch_size=8)
 # ``<gpu profile>-rehearsal``: that profile's code path rehearsed on a CPU (Profile.rehearsal).
 PROFILES.update({p.name: p for p in [PROFILES["t4"].rehearsal(), PROFILES["gpu-24gb"].rehearsal()]})

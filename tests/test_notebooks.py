@@ -142,8 +142,8 @@ def test_notebook_runs_and_grades_in_the_t4_rehearsal(notebook, tmp_path, rehear
     assert metrics["profile"] == REHEARSAL
     numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     assert numbers and all(math.isfinite(v) for v in numbers.values()), numbers
-    scores = {k: v for k, v in numbers.items() if k.endswith(("pass_at_1", "_sql", "_code"))}
-    assert all(0 <= v <= 1 for v in scores.values()), scores
+    task_scores = {k: v for k, v in numbers.items() if k.endswith(("pass_at_1", "_sql", "_code"))}
+    assert all(0 <= v <= 1 for v in task_scores.values()), task_scores
 
 
 def error_cells(notebook: Path) -> list[str]:

@@ -160,7 +160,8 @@ def test_instructor_cycle_through_make(tmp_path):
     proc = make(repo, "release")
     assert proc.returncode == 0, proc.stdout[-4000:]
     released = repo / "labs" / "demo_lab" / "demo_lab.ipynb"
-    assert "raise NotImplementedError()" in released.read_text() and "BEGIN HIDDEN TESTS" not in released.read_text()
+    text = released.read_text()
+    assert "raise NotImplementedError()" in text and "BEGIN HIDDEN TESTS" not in text and "### BEGIN SOLUTION" not in text
     # a student checks the untouched release (fails), then the finished notebook (passes)
     blank = make(repo, "check", "LAB=demo_lab")
     assert blank.returncode != 0 and "0 of 3 points" in blank.stdout, blank.stdout[-3000:]

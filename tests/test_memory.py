@@ -227,3 +227,22 @@ def test_fp16_full_fine_tuning_is_estimated_with_fp32_master_weights():
     bf16 = memory.estimate_training_step("qwen2.5-coder-0.5b", "full", 1, 128, dtype="bfloat16")
     params = memory.architecture("qwen2.5-coder-0.5b").params
     assert fp16.weights == fp16.gradients == 4 * params and bf16.weights == 2 * params
+
+
+def test_package_names_load_lazily_and_match_the_type_checking_imports():
+    import ast
+    import subprocess
+    import sys
+
+    tree = ast.parse(open(memory.__file__).read())
+    guarded = next(node for node in tree.body if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING")
+    eager = {(imp.module.rsplit(".", 1)[1], alias.name) for imp in guarded.body for alias in imp.names}
+    assert eager == {(module, name) for name, module in memory._SUBMODULE_OF.items()}
+    assert all(getattr(memory, name) is not None for name in memory.__all__)
+    # a worker that only measures (merges, FSDP) does not import transformers or peft
+    probe = ("import sys; from labhelpers.memory import measure_peak_memory; "
+             "print(sorted(m for m in ('transformers', 'peft', 'trl') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    with pytest.raises(AttributeError, match="no attribute 'nonsense'"):
+        memory.nonsense

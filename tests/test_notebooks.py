@@ -131,7 +131,7 @@ def test_notebook_runs_and_grades_in_the_t4_rehearsal(notebook, tmp_path, rehear
     profile would execute every cell of every lab a third time; the grading profile's code path is
     the ``ci`` one, run above, with fewer steps.)"""
     lab, results = notebook.stem, tmp_path / "results"
-    scores = grading.round_trip(tmp_path / "course", lab, blank=False,
+    scores = grading.round_trip(tmp_path / "course", lab,
                                 env={"SFTLABS_PROFILE": REHEARSAL, "SFTLABS_RESULTS": str(results)})
     solution = scores["solution"]
     assert 0 < solution["max_score"] == solution["score"], solution["cells"]

@@ -187,15 +187,12 @@ def scores(course_dir: Path, lab: str) -> dict[str, dict]:
         return out
 
 
-def round_trip(dest: Path, lab: str, source: Path = REPO_ROOT / "solutions", env: dict | None = None,
-               blank: bool = True) -> dict:
-    """Release ``lab``, autograde its solution (student ``solution``) and, with ``blank``, its untouched
-    release (student ``blank``: every cell runs again) in a scratch course at ``dest``; return :func:`scores`."""
+def round_trip(dest: Path, lab: str, source: Path = REPO_ROOT / "solutions", env: dict | None = None) -> dict:
+    """Release ``lab`` and autograde its solution (student ``solution``) in a scratch course at ``dest``,
+    with ``env`` added to the grading environment (e.g. a profile); return :func:`scores`."""
     course = scratch_course(dest, [lab], source)
     release(course, [lab])
     submit(course, "solution", lab, course / "solutions" / lab / f"{lab}.ipynb")
-    if blank:
-        submit(course, "blank", lab, course / "labs" / lab / f"{lab}.ipynb")
     autograde(course, lab, env=env)
     return scores(course, lab)
 

@@ -192,7 +192,7 @@ def breakdown_grid(profile, methods=("full", "lora", "qlora", "full+gc", "qlora+
 
 
 def checkpointing_sweep(profile, seq_lens=(64, 128, 256, 512), batch_size: int = 8, method: str = "full",
-                        steps: int = 3):
+                        steps: int = 2):
     """Activation memory, peak and time per step with and without gradient checkpointing, per length."""
     arch = profile_architecture(profile)
     rows = []

@@ -20,6 +20,9 @@ LAB = "demo_lab"
 GOOD = {"mean_of": "def mean_of(xs):\n    return sum(xs) / len(xs)\n",
         "largest": "def largest(xs):\n    best = xs[0]\n    for x in xs:\n        best = x if x > best else best\n    return best\n"}
 
+# passes the visible assert (positive numbers) and fails the hidden one (all negative: 0 is returned)
+FAILS_ONLY_HIDDEN = "def largest(xs):\n    best = 0\n    for x in xs:\n        best = x if x > best else best\n    return best\n"
+
 
 def _fill(nb: dict, answers: dict) -> dict:
     for cell in nb["cells"]:
@@ -51,6 +54,7 @@ def _student_notebooks(course: Path) -> dict[str, dict]:
         "tampered": tampered,
         "deleted": deleted,
         "reordered": reordered,
+        "fails_hidden": copy({**GOOD, "largest": FAILS_ONLY_HIDDEN}),
     }
 
 
@@ -93,7 +97,19 @@ def test_a_failing_exercise_leaves_the_others_graded(graded, student):
 @pytest.mark.slow
 def test_a_hanging_cell_does_not_hold_up_grading(graded):
     _, _, seconds = graded
-    assert seconds < 240  # eight students, one of them hanging: the per-cell limit ends it
+    assert seconds < 240  # nine students, one of them hanging: the per-cell limit ends it
+
+
+@pytest.mark.slow
+def test_hidden_tests_run_at_grading(graded):
+    """A solution that passes the visible assert but not the hidden ones loses that exercise's points."""
+    visible = next(c for c in json.loads((FIXTURES / LAB / f"{LAB}.ipynb").read_text())["cells"]
+                   if c["metadata"].get("nbgrader", {}).get("grade_id") == "test_largest")
+    namespace: dict = {}
+    exec(FAILS_ONLY_HIDDEN, namespace)
+    exec("".join(visible["source"]).split("### BEGIN HIDDEN TESTS")[0], namespace)  # the visible part passes
+    _, scores, _ = graded
+    assert scores["fails_hidden"]["cells"] == {"test_mean_of": 2, "test_largest": 0}
 
 
 @pytest.mark.slow

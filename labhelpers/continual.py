@@ -30,7 +30,7 @@ import pandas as pd
 import torch
 
 from labhelpers.data import tokenize_rows
-from labhelpers.evaluation import evaluate, perplexity, token_blocks
+from labhelpers.evaluation import SELECTION_SPLIT, evaluate, perplexity, score, select_best, token_blocks
 from labhelpers.paths import data_dir
 from labhelpers.profiles import Profile
 from labhelpers.tasks import load_split, read_jsonl, sql
@@ -117,12 +117,20 @@ def all_scores(model, tokenizer, profile: Profile) -> dict[str, float]:
     return {**domain_scores(model, tokenizer, profile)[0], **general_scores(model, tokenizer, profile)}
 
 
-def mitigation_table(runs: Mapping[str, Mapping[str, float]], base: str = "base", naive: str = "full FT") -> pd.DataFrame:
-    """Compare runs against the base and the naive fine-tune.
+def validation_scores(model, tokenizer, profile: Profile) -> dict[str, float]:
+    """The domain and general task scores on the validation split: all that a choice between runs may
+    read (:func:`best_mitigation`). The test split is for the final table (:func:`all_scores`)."""
+    return {task: score(model, tokenizer, task, profile, SELECTION_SPLIT) for task in (DOMAIN_TASK, GENERAL_TASK)}
+
+
+def mitigation_table(runs: Mapping[str, Mapping[str, float]], base: str = "base", naive: str = "full FT",
+                     split: str = "test") -> pd.DataFrame:
+    """Compare runs against the base and the naive fine-tune, all scored on ``split``.
 
     Adds ``domain_gain_kept`` = (sql - sql_base) / (sql_naive - sql_base) and ``general_recovered`` =
     (general - general_naive) / (general_base - general_naive): 1 means "as good as the naive run on
-    SQL" and "no forgetting" respectively (NaN when the naive run gained or lost nothing).
+    SQL" and "no forgetting" respectively (NaN when the naive run gained or lost nothing), and
+    ``split``.
     """
     if base not in runs or naive not in runs:
         raise KeyError(f"runs must include {base!r} and {naive!r}; got {list(runs)}")
@@ -131,17 +139,21 @@ def mitigation_table(runs: Mapping[str, Mapping[str, float]], base: str = "base"
     loss = df.loc[base, GENERAL_TASK] - df.loc[naive, GENERAL_TASK]
     df["domain_gain_kept"] = (df[DOMAIN_TASK] - df.loc[base, DOMAIN_TASK]) / gain if gain > 0 else math.nan
     df["general_recovered"] = (df[GENERAL_TASK] - df.loc[naive, GENERAL_TASK]) / loss if loss > 0 else math.nan
+    df["split"] = split
     return df.rename_axis("run").reset_index()
 
 
 def best_mitigation(table: pd.DataFrame, min_domain_kept: float = 0.7,
                     exclude=("base", "full FT")) -> pd.Series | None:
     """The run that recovers the most general skill among those keeping ``min_domain_kept`` of the
-    domain gain, or None when none does (or when the naive run gained or forgot nothing)."""
+    domain gain, or None when none does (or when the naive run gained or forgot nothing).
+
+    ``table`` is a :func:`mitigation_table` of validation scores (:func:`validation_scores`): the choice
+    is made there, and only the chosen run's row of the test table is reported."""
     candidates = table[~table["run"].isin(exclude) & (table["domain_gain_kept"] >= min_domain_kept)]
     if candidates.empty or candidates["general_recovered"].isna().all():
         return None
-    return candidates.sort_values(["general_recovered", "domain_gain_kept"], ascending=False).iloc[0]
+    return select_best(candidates, "general_recovered", tie_breakers=[("domain_gain_kept", False)]).iloc[0]
 
 
 # ----------------------------------------------------------------------------- L2 / EWC penalty

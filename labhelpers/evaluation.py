@@ -26,6 +26,28 @@ def retention(score: float, reference: float) -> float:
     return score / reference if reference > 0 else 1.0
 
 
+SELECTION_SPLIT = "validation"
+
+
+def select_best(candidates: pd.DataFrame, by: str, group: str | None = None,
+                tie_breakers: Sequence[tuple[str, bool]] = ()) -> pd.DataFrame:
+    """The candidates with the highest ``by`` (per ``group`` when given), chosen on the validation split.
+
+    Selection never sees test rows: ``candidates`` must carry a ``split`` column equal to
+    ``"validation"`` on every row (the scoring functions that feed a selection write it), otherwise
+    this raises. Score the chosen rows on the test split afterwards, once, for the final table.
+    ``tie_breakers``: further ``(column, ascending)`` sort keys (e.g. ``("final_loss", True)``).
+    Returns the chosen rows (their index kept), in the order of ``group`` or as a one-row frame.
+    """
+    if "split" not in candidates.columns or set(candidates["split"]) != {SELECTION_SPLIT}:
+        found = sorted(set(candidates["split"])) if "split" in candidates.columns else "no split column"
+        raise ValueError(f"selection must use scores on the {SELECTION_SPLIT!r} split, got {found}; score the "
+                         f"candidates with split={SELECTION_SPLIT!r} and report the test split only for the winner")
+    keys = [by, *(column for column, _ in tie_breakers)]
+    ordered = candidates.sort_values(keys, ascending=[False, *(asc for _, asc in tie_breakers)], kind="stable")
+    return ordered.groupby(group, sort=False).head(1) if group else ordered.head(1)
+
+
 def prompt_text(row: dict, tokenizer, task_format: str) -> str:
     """The text a model continues for a row: the chat prompt (all turns but the answer, plus the
     generation prompt) for chat tasks, the raw ``prompt`` for completion tasks."""

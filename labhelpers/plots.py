@@ -104,7 +104,9 @@ def heatmaps(frames: Mapping[str, pd.DataFrame], title: str, xlabel: str, ylabel
              vmin: float = 0.0, vmax: float = 1.0):
     """One annotated heat map per DataFrame (index on the y axis, columns on the x axis)."""
     use_style()
-    fig, axes = plt.subplots(1, len(frames), figsize=(5.0 * len(frames), 3.8), squeeze=False, layout="constrained")
+    rows = max(frame.shape[0] for frame in frames.values())
+    size = (max(6.5, 5.0 * len(frames)), max(3.8, 0.3 * rows + 1.4))  # a readable row for each of many rows
+    fig, axes = plt.subplots(1, len(frames), figsize=size, squeeze=False, layout="constrained")
     for ax, (name, frame) in zip(axes[0], frames.items()):
         values = frame.to_numpy(dtype=float)
         image = ax.imshow(values, vmin=vmin, vmax=vmax, cmap="viridis", aspect="auto")

@@ -171,11 +171,13 @@ def test_continual_metrics_on_a_known_matrix():
 def test_mitigation_table_and_best():
     runs = {"base": {"sql": 0.0, "arithmetic": 1.0}, "full FT": {"sql": 0.8, "arithmetic": 0.6},
             "replay": {"sql": 0.7, "arithmetic": 0.9}, "lora": {"sql": 0.2, "arithmetic": 1.0}}
-    table = continual.mitigation_table(runs).set_index("run")
+    table = continual.mitigation_table(runs, split="validation").set_index("run")
     assert table.loc["replay", "domain_gain_kept"] == pytest.approx(0.875)
     assert table.loc["replay", "general_recovered"] == pytest.approx(0.75)
     assert continual.best_mitigation(table.reset_index())["run"] == "replay"
     assert continual.best_mitigation(table.reset_index(), min_domain_kept=0.95) is None
+    with pytest.raises(ValueError, match="'validation' split"):  # the test table is for reporting only
+        continual.best_mitigation(continual.mitigation_table(runs))
 
 
 def test_sql_format_report():
@@ -187,9 +189,15 @@ def test_sql_format_report():
 
 def test_best_settings_picks_the_top_score_per_model():
     sweep = pd.DataFrame({"model": ["m", "m", "t", "t"], "params": [1, 1, 2, 2], "learning_rate": [1, 2, 1, 2],
-                          "r": [2, 2, 2, 2], "score": [0.5, 0.7, 0.9, 0.9], "final_loss": [1.0, 1.0, 0.5, 0.4]})
+                          "r": [2, 2, 2, 2], "score": [0.5, 0.7, 0.9, 0.9], "final_loss": [1.0, 1.0, 0.5, 0.4],
+                          "split": "validation", "test_score": [0.9, 0.1, 0.9, 0.1]})
     best = lab2.best_settings(sweep)
     assert best["model"].tolist() == ["m", "t"] and best["learning_rate"].tolist() == [2, 2]
+    # the choice is the same whatever the test scores are: they are never read
+    scrambled = lab2.best_settings(sweep.assign(test_score=[0.0, 0.0, 1.0, 1.0])[::-1].reset_index(drop=True))
+    assert scrambled[["model", "learning_rate"]].equals(best[["model", "learning_rate"]])
+    with pytest.raises(ValueError, match="'validation' split"):
+        lab2.best_settings(sweep.assign(split="test"))
 
 
 def test_a_trained_model_can_be_copied():

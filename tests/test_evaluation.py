@@ -54,3 +54,45 @@ def test_preservation_is_finite_when_an_expert_scores_zero():
     table = pd.DataFrame({"code": [0.0, 0.5], "sql": [0.2, 0.4]})
     out = preservation(table, {"code": {"code": 0.0, "sql": 0.1}, "sql": {"code": 0.3, "sql": 0.8}})
     assert out["code_kept"].tolist() == [1.0, 1.0] and out["sql_kept"].tolist() == pytest.approx([0.25, 0.5])
+
+
+def test_select_best_takes_the_highest_validation_score_per_group():
+    import pandas as pd
+
+    from labhelpers.evaluation import select_best
+
+    sweep = pd.DataFrame({"method": ["ties", "ties", "dare", "dare"], "average": [0.5, 0.7, 0.6, 0.6],
+                          "final_loss": [1.0, 2.0, 0.9, 0.3], "split": "validation"})
+    assert select_best(sweep, "average").index.tolist() == [1]
+    per_method = select_best(sweep, "average", group="method", tie_breakers=[("final_loss", True)])
+    assert per_method.index.tolist() == [1, 3]  # dare: tie on the score, the lower loss wins
+    for bad in (sweep.assign(split="test"), sweep.drop(columns=["split"]),
+                sweep.assign(split=["validation", "validation", "validation", "test"])):
+        with pytest.raises(ValueError, match="selection must use scores on the 'validation' split"):
+            select_best(bad, "average")
+
+
+def test_a_merge_sweep_chooses_without_reading_a_test_row(tmp_path, monkeypatch):
+    """The sweep that Lab 3 chooses from, then the choice: not one test row is read (the loader of
+    every split is watched), and the chosen merge is then scored on the test split alone."""
+    from labhelpers import evaluation, profiles
+    from labhelpers.evaluation import select_best
+    from labhelpers.labs import lab3
+
+    profile = profiles.get("smoke")
+    expert = lab3.local_checkpoint(profile.base_model)
+    read: list[tuple[str, str]] = []
+    real_load_split = evaluation.load_split
+
+    def watched(task, split, n=None):
+        read.append((task, split))
+        return real_load_split(task, split, n)
+
+    monkeypatch.setattr(evaluation, "load_split", watched)
+    configs = [{"method": "linear", "knob": "w_code", "value": w, "weights": [w, 1 - w]} for w in (0.3, 0.7)]
+    sweep = lab3.sweep_merges(configs, [expert, expert], expert, tmp_path, profile, tasks=("sql", "arithmetic"))
+    best = select_best(sweep, "average").iloc[0]
+    assert read and {split for _, split in read} == {"validation"}, read
+    read.clear()
+    final = lab3.score_folders({best["label"]: best["folder"]}, profile, tasks=("sql", "arithmetic"))
+    assert {split for _, split in read} == {"test"} and final["split"].tolist() == ["test"]

@@ -235,7 +235,8 @@ def test_package_names_load_lazily_and_match_the_type_checking_imports():
     import sys
 
     tree = ast.parse(open(memory.__file__).read())
-    guarded = next(node for node in tree.body if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING")
+    guarded = next(node for node in tree.body
+                   if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING")
     eager = {(imp.module.rsplit(".", 1)[1], alias.name) for imp in guarded.body for alias in imp.names}
     assert eager == {(module, name) for name, module in memory._SUBMODULE_OF.items()}
     assert all(getattr(memory, name) is not None for name in memory.__all__)

@@ -9,7 +9,7 @@ from typing import Iterable, Sequence
 import pandas as pd
 
 from labhelpers.continual import DOMAIN_TASK, replay_mix
-from labhelpers.evaluation import score
+from labhelpers.evaluation import SELECTION_SPLIT, score, select_best
 from labhelpers.models import count_parameters, load_model
 from labhelpers.peft_methods import peft_config
 from labhelpers.profiles import Profile
@@ -42,8 +42,9 @@ def lora_sweep(models: Iterable[str], learning_rates: Iterable[float], ranks: It
     """LoRA on ``task`` for every (base model, learning rate, rank); one row per run.
 
     ``alpha / r`` is held at the profile's ratio so that the rank changes capacity, not step size.
-    Columns: ``model``, ``params`` (base size), ``learning_rate``, ``r``, ``score``, ``final_loss``,
-    ``train_seconds``.
+    Columns: ``model``, ``params`` (base size), ``learning_rate``, ``r``, ``score`` (on the validation
+    split: what :func:`best_settings` chooses by), ``split``, ``test_score`` (reported for the chosen
+    runs only), ``final_loss``, ``train_seconds``.
     """
     rows = task_rows(task, "train")
     ratio = profile.lora_alpha / profile.lora_r
@@ -58,12 +59,14 @@ def lora_sweep(models: Iterable[str], learning_rates: Iterable[float], ranks: It
                 run = fine_tune(model, tokenizer, data, profile, steps, learning_rate=lr,
                                 peft_config=peft_config("lora", profile, r=r, lora_alpha=ratio * r))
                 records.append({"model": name, "params": params, "learning_rate": lr, "r": r,
-                                "score": score(run.model, tokenizer, task, profile),
+                                "score": score(run.model, tokenizer, task, profile, SELECTION_SPLIT),
+                                "split": SELECTION_SPLIT, "test_score": score(run.model, tokenizer, task, profile),
                                 "final_loss": run.final_loss, "train_seconds": run.train_seconds})
     return pd.DataFrame(records)
 
 
 def best_settings(sweep: pd.DataFrame) -> pd.DataFrame:
-    """The best run per base model (highest score, then lowest final loss)."""
-    ordered = sweep.sort_values(["model", "score", "final_loss"], ascending=[True, False, True])
-    return ordered.groupby("model", sort=False).head(1).sort_values("params").reset_index(drop=True)
+    """The best run per base model: the highest validation ``score``, then the lowest final loss
+    (:func:`labhelpers.evaluation.select_best`; ``test_score`` is never read), smallest base first."""
+    chosen = select_best(sweep, "score", group="model", tie_breakers=[("final_loss", True)])
+    return chosen.sort_values("params", kind="stable").reset_index(drop=True)

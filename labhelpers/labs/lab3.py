@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from labhelpers.evaluation import scores
+from labhelpers.evaluation import SELECTION_SPLIT, scores
 from labhelpers.merging import NEEDS_BASE, Checkpoint, merge_checkpoints
 from labhelpers.models import load_model, model_source
 from labhelpers.tasks import load_split, task_rows
@@ -40,10 +40,19 @@ def save_model(model, tokenizer, folder: str | Path) -> Path:
     return folder
 
 
-def score_folder(folder: str | Path, profile, tasks: Sequence[str] = TASKS) -> dict[str, float]:
-    """Load a model folder on the profile's device and score it on ``tasks`` (test splits)."""
+def score_folder(folder: str | Path, profile, tasks: Sequence[str] = TASKS, split: str = "test") -> dict[str, float]:
+    """Load a model folder on the profile's device and score it on ``tasks`` (``split`` of each)."""
     model, tokenizer = load_model(profile, str(folder))
-    return scores(model, tokenizer, tasks, profile)
+    return scores(model, tokenizer, tasks, profile, split)
+
+
+def score_folders(folders: Mapping[str, str | Path], profile, tasks: Sequence[str] = TASKS,
+                  split: str = "test") -> pd.DataFrame:
+    """One row per named model folder: a column per task, ``average`` over them, and ``split``."""
+    table = pd.DataFrame({name: score_folder(folder, profile, tasks, split) for name, folder in folders.items()}).T
+    table["average"] = table[list(tasks)].mean(axis=1)
+    table["split"] = split
+    return table
 
 
 def general_rows() -> list[dict]:
@@ -120,14 +129,19 @@ def _beyond_rounding(ours: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def sweep_merges(configs: Sequence[Mapping], experts: Sequence[str | Path], base: str | Path, out_root: str | Path,
-                 profile, tasks: Sequence[str] = TASKS, tensor_fns: Mapping[str, Callable] | None = None):
+                 profile, tasks: Sequence[str] = TASKS, tensor_fns: Mapping[str, Callable] | None = None,
+                 split: str = SELECTION_SPLIT):
     """Run each merge config (``{"method": ..., "knob": <name>, <name>: value, ...}``) and score it.
 
     ``knob`` names the swept setting; its value is ``config["value"]`` when given (e.g. a label for a
     pair of weights), else ``config[knob]``. Every other key is passed to :func:`merge_checkpoints`.
+    The merges are scored on ``split``: the validation split by default, because a sweep is for
+    choosing (:func:`labhelpers.evaluation.select_best`); score the chosen merges on the test split
+    with :func:`score_folders`.
 
-    Returns a DataFrame: ``method``, ``knob``, ``value``, ``label``, one column per task, ``average``
-    and ``seconds`` (merge time). ``tensor_fns`` maps a method to your per-tensor function.
+    Returns a DataFrame: ``method``, ``knob``, ``value``, ``label``, one column per task, ``average``,
+    ``seconds`` (merge time), ``folder`` (the merged checkpoint) and ``split``. ``tensor_fns`` maps a
+    method to your per-tensor function.
     """
     rows = []
     for config in tqdm(configs, desc="merges"):
@@ -139,7 +153,8 @@ def sweep_merges(configs: Sequence[Mapping], experts: Sequence[str | Path], base
         fn = (tensor_fns or {}).get(method)
         report = merge_checkpoints(experts, folder, method, base=base if NEEDS_BASE[method] else None,
                                    tensor_fn=fn, **config)
-        scores = score_folder(folder, profile, tasks)
+        scores = score_folder(folder, profile, tasks, split)
         rows.append({"method": method, "knob": knob, "value": value, "label": label,
-                     **scores, "average": sum(scores.values()) / len(scores), "seconds": report.seconds})
+                     **scores, "average": sum(scores.values()) / len(scores), "seconds": report.seconds,
+                     "folder": folder, "split": split})
     return pd.DataFrame(rows)

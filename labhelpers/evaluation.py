@@ -27,6 +27,50 @@ def retention(score: float, reference: float) -> float:
 
 
 SELECTION_SPLIT = "validation"
+Z_95 = 1.959963984540054  # the standard normal's 97.5% quantile
+
+
+def binomial_interval(successes: float, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson's score interval for a proportion of ``successes`` out of ``n`` (Wilson, 1927).
+
+    A score such as pass@1 on ``n`` examples is a proportion; its 95% interval says how far another
+    draw of ``n`` examples could move it. Wilson's interval stays inside [0, 1] and keeps its coverage
+    for small ``n`` and for scores near 0 or 1, where the normal approximation fails. Only the 95%
+    level is offered (``confidence`` is checked, not interpolated).
+    """
+    if confidence != 0.95:
+        raise ValueError(f"only the 95% interval is implemented, got confidence={confidence}")
+    if n <= 0 or not 0 <= successes <= n:
+        raise ValueError(f"need 0 <= successes <= n and n > 0, got successes={successes}, n={n}")
+    p, z2 = successes / n, Z_95 ** 2
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = Z_95 * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def eval_size(task: str, profile: Profile, split: str = "test") -> int:
+    """How many examples a score of ``task`` on ``split`` averages over in ``profile`` (its ``n_eval``)."""
+    return len(load_split(task, split, profile.n_eval))
+
+
+def with_intervals(table: pd.DataFrame, sizes: dict[str, int]) -> pd.DataFrame:
+    """Add ``<column> 95% low`` and ``<column> 95% high`` after each score column named in ``sizes``
+    (``{column: number of examples it averages over}``): the :func:`binomial_interval` of each row."""
+    out = table.copy()
+    for column, n in sizes.items():
+        bounds = [binomial_interval(round(float(v) * n), n) for v in out[column]]
+        at = out.columns.get_loc(column) + 1
+        out.insert(at, f"{column} 95% low", [lo for lo, _ in bounds])
+        out.insert(at + 1, f"{column} 95% high", [hi for _, hi in bounds])
+    return out
+
+
+def distinguishable(a: float, b: float, n_a: int, n_b: int) -> bool:
+    """Whether two scores differ beyond their 95% intervals (the intervals do not overlap): a
+    conservative test, used before a lab calls one score higher than another."""
+    lo_a, hi_a = binomial_interval(round(a * n_a), n_a)
+    lo_b, hi_b = binomial_interval(round(b * n_b), n_b)
+    return hi_a < lo_b or hi_b < lo_a
 
 
 def select_best(candidates: pd.DataFrame, by: str, group: str | None = None,

@@ -65,12 +65,13 @@ def lines(df: pd.DataFrame, x: str, ys: list[str], title: str, xlabel: str, ylab
 
 
 def bar_grid(df: pd.DataFrame, x: str, panels: Mapping[str, str], title: str):
-    """Small multiples: one bar chart per ``{column: y-axis label}`` of ``panels``."""
+    """Small multiples: one bar chart per ``{column: title}`` of ``panels`` (the title names the quantity
+    and its unit, in words: the column names stay out of the figure)."""
     use_style()
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4))
-    for ax, (column, label) in zip(axes, panels.items()):
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4), squeeze=False)
+    for ax, (column, label) in zip(axes[0], panels.items()):
         ax.bar(df[x].astype(str), df[column])
-        ax.set(title=column, ylabel=label)
+        ax.set_title(label, fontsize=10)
         plt.setp(ax.get_xticklabels(), rotation=60, ha="right", rotation_mode="anchor")
     fig.suptitle(title)
     fig.tight_layout()

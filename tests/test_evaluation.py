@@ -96,3 +96,27 @@ def test_a_merge_sweep_chooses_without_reading_a_test_row(tmp_path, monkeypatch)
     read.clear()
     final = lab3.score_folders({best["label"]: best["folder"]}, profile, tasks=("sql", "arithmetic"))
     assert {split for _, split in read} == {"test"} and final["split"].tolist() == ["test"]
+
+
+@pytest.mark.parametrize("k, n, low, high", [(81, 263, 0.2553, 0.3662), (15, 148, 0.0624, 0.1605), (0, 20, 0.0, 0.1611),
+                                             (1, 29, 0.0061, 0.1718), (29, 29, 0.8830, 1.0)])
+def test_binomial_interval_matches_newcombes_published_wilson_intervals(k, n, low, high):
+    # Newcombe (1998), Statistics in Medicine 17:857-872, Table I, method 3 (Wilson score interval)
+    from labhelpers.evaluation import binomial_interval
+
+    assert binomial_interval(k, n) == pytest.approx((low, high), abs=6e-5)
+
+
+def test_intervals_on_a_table_and_distinguishable_scores():
+    import pandas as pd
+
+    from labhelpers.evaluation import binomial_interval, distinguishable, with_intervals
+
+    table = with_intervals(pd.DataFrame({"method": ["a", "b"], "score": [0.9, 0.5]}), {"score": 100})
+    assert list(table.columns) == ["method", "score", "score 95% low", "score 95% high"]
+    assert table.loc[0, "score 95% low"] == pytest.approx(binomial_interval(90, 100)[0])
+    assert distinguishable(0.9, 0.5, 100, 100) and not distinguishable(0.9, 0.85, 100, 100)
+    assert not distinguishable(0.9, 0.5, 5, 5)  # five examples cannot tell 0.9 from 0.5
+    for bad in ((3, 0), (5, 4), (-1, 4)):
+        with pytest.raises(ValueError, match="successes"):
+            binomial_interval(*bad)

@@ -48,6 +48,11 @@ def binomial_interval(successes: float, n: int, confidence: float = 0.95) -> tup
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def score_interval(score: float, n: int) -> tuple[float, float]:
+    """The :func:`binomial_interval` of a score that is the fraction correct of ``n`` examples."""
+    return binomial_interval(round(float(score) * n), n)
+
+
 def eval_size(task: str, profile: Profile, split: str = "test") -> int:
     """How many examples a score of ``task`` on ``split`` averages over in ``profile`` (its ``n_eval``)."""
     return len(load_split(task, split, profile.n_eval))
@@ -58,7 +63,7 @@ def with_intervals(table: pd.DataFrame, sizes: dict[str, int]) -> pd.DataFrame:
     (``{column: number of examples it averages over}``): the :func:`binomial_interval` of each row."""
     out = table.copy()
     for column, n in sizes.items():
-        bounds = [binomial_interval(round(float(v) * n), n) for v in out[column]]
+        bounds = [score_interval(v, n) for v in out[column]]
         at = out.columns.get_loc(column) + 1
         out.insert(at, f"{column} 95% low", [lo for lo, _ in bounds])
         out.insert(at + 1, f"{column} 95% high", [hi for _, hi in bounds])
@@ -68,8 +73,7 @@ def with_intervals(table: pd.DataFrame, sizes: dict[str, int]) -> pd.DataFrame:
 def distinguishable(a: float, b: float, n_a: int, n_b: int) -> bool:
     """Whether two scores differ beyond their 95% intervals (the intervals do not overlap): a
     conservative test, used before a lab calls one score higher than another."""
-    lo_a, hi_a = binomial_interval(round(a * n_a), n_a)
-    lo_b, hi_b = binomial_interval(round(b * n_b), n_b)
+    (lo_a, hi_a), (lo_b, hi_b) = score_interval(a, n_a), score_interval(b, n_b)
     return hi_a < lo_b or hi_b < lo_a
 
 

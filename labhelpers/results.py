@@ -1,7 +1,8 @@
 """Where a lab run records its measured numbers, so tests and the results summary can read them.
 
-A notebook calls ``save_metrics("lab1_peft", {...})`` once, at its end (each call replaces the file); ``make labs`` and the notebook tests point
-``SFTLABS_RESULTS`` at the run's output folder. Values must be JSON numbers, strings or booleans.
+A notebook calls ``save_metrics("lab1_peft", {...})`` once, at its end (each call replaces the file);
+``make labs`` and the notebook tests point ``SFTLABS_RESULTS`` at the run's output folder. Values must be
+JSON numbers, strings or booleans.
 """
 
 from __future__ import annotations

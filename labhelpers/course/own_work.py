@@ -33,16 +33,19 @@ def _qualified(obj: Any) -> str:
 
 
 def _namespaces(solution: Any) -> list[dict]:
+    """Every loaded module's names, and the globals that ``solution``'s code (its methods, for a class)
+    looks names up in."""
     spaces: list[dict] = []
     for module in list(sys.modules.values()):
         try:
             spaces.append(vars(module))
         except TypeError:  # a module stand-in without __dict__
             continue
-    functions = [solution] if inspect.isfunction(solution) else [
-        member for _, member in inspect.getmembers(solution, inspect.isfunction)] if inspect.isclass(solution) else []
-    spaces += [f.__globals__ for f in functions]
-    return spaces
+    if inspect.isclass(solution):
+        functions = [member for _, member in inspect.getmembers(solution, inspect.isfunction)]
+    else:
+        functions = [solution]
+    return spaces + [f.__globals__ for f in functions]
 
 
 def check_defined_here(solution: Any, references: tuple = ()) -> None:
@@ -82,11 +85,11 @@ def own_work(solution: Any, *references: Callable) -> Iterator[None]:
                                   "against: the exercise asks for your own code")
         return refuse
 
-    stand_ins = {id(ref): stand_in(ref) for ref in references}
+    stand_ins = {id(ref): stand_in(ref) for ref in references}  # the references stay alive: ids are unique
     try:
         for space in _namespaces(solution):
             for key, value in list(space.items()):
-                if id(value) in stand_ins and any(value is ref for ref in references):
+                if id(value) in stand_ins:
                     swapped.append((space, key, value))
                     space[key] = stand_ins[id(value)]
         yield

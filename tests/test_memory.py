@@ -1,5 +1,6 @@
 """Lab 4's memory accounting: the estimate agrees with the measurement, and the planner is sane."""
 
+import time
 import warnings
 
 import pytest
@@ -189,6 +190,60 @@ def test_peak_memory_sees_a_large_allocation():
         x.add_(1)
         del x
     assert big.peak_mib > 200 and big.peak_mib > small.peak_mib + 150
+
+
+class FakeCudaAllocator:
+    """torch.cuda's allocator counters as torch keeps them: one running peak per device."""
+
+    def __init__(self):
+        self.allocated = self.peak = 0
+
+    def alloc(self, n):
+        self.allocated += n
+        self.peak = max(self.peak, self.allocated)
+
+    def install(self, monkeypatch):
+        from labhelpers.memory import measure as measure_module
+
+        cuda = measure_module.torch.cuda
+        monkeypatch.setattr(cuda, "synchronize", lambda *a: None)
+        monkeypatch.setattr(cuda, "memory_allocated", lambda *a: self.allocated)
+        monkeypatch.setattr(cuda, "max_memory_allocated", lambda *a: self.peak)
+        monkeypatch.setattr(cuda, "reset_peak_memory_stats", lambda *a: setattr(self, "peak", self.allocated))
+
+
+def test_nested_cuda_peaks_survive_an_inner_reset(monkeypatch):
+    """A measurement inside another (a training step inside a smoke run's block) resets torch's one
+    peak counter; the outer block still reports its own peak."""
+    fake = FakeCudaAllocator()
+    fake.install(monkeypatch)
+    fake.alloc(1000)  # held before the outer block: not counted
+    with memory.measure_peak_memory("cuda") as outer:
+        fake.alloc(5 * MiB)
+        fake.alloc(-5 * MiB)
+        with memory.measure_peak_memory("cuda") as inner:
+            fake.alloc(2 * MiB)
+            fake.alloc(-2 * MiB)
+    assert outer.peak_mib == pytest.approx(5) and inner.peak_mib == pytest.approx(2)
+
+
+def test_step_time_is_measured_without_the_tensor_tracker(ci_profile, monkeypatch):
+    """The dispatch mode that follows every tensor on the CPU costs Python time per operation; the
+    seconds reported come from a step that ran without it."""
+    from labhelpers.memory import measure as measure_module
+
+    real_mode = measure_module._live_tensor_mode()
+
+    class SlowMode(real_mode):
+        def __enter__(self):
+            time.sleep(0.5)
+            return super().__enter__()
+
+    monkeypatch.setattr(measure_module, "_live_tensor_mode", lambda: SlowMode)
+    model, optimizer = lab4.setup_training("lora", ci_profile)
+    batch = memory.make_batch(model.config.vocab_size, 2, 32)
+    assert memory.measure_training_step(model, batch, optimizer, steps=2).details["seconds"] < 0.5
+    assert memory.measure_training_step(model, batch, optimizer, steps=1).details["seconds"] >= 0.5
 
 
 def test_lab4_grids_are_derived_from_the_profile(ci_profile):

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from labhelpers import profiles
 from labhelpers.chat import TEMPLATE_FAMILIES, has_generation_markers
@@ -102,3 +103,21 @@ def test_build_is_skipped_when_current_and_redone_when_forced(tmp_path):
     assert rehearsal.build(tmp_path) == cache and (cache / "rehearsal.json").stat().st_mtime_ns == stamp
     refs = cache / "models--Qwen--Qwen2.5-Coder-0.5B-Instruct" / "refs" / "main"
     assert refs.read_text() == rehearsal.REVISION
+
+
+@pytest.mark.parametrize("hub_id", sorted(rehearsal.MODELS))
+def test_full_size_stand_ins_have_the_hub_models_parameter_count(hub_id):
+    """A GPU smoke run's stand-in at full size is the hub model's shape (only its weights are random)."""
+    from transformers import AutoModelForCausalLM
+
+    from labhelpers.memory.architectures import architecture
+
+    spec = rehearsal.MODELS[hub_id]
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(rehearsal.stand_in_config(spec, full_size=True))
+    assert sum(p.numel() for p in model.parameters()) == architecture(spec.architecture).params
+
+
+def test_full_size_build_names_unknown_hub_ids(tmp_path):
+    with pytest.raises(ValueError, match="no rehearsal model for \\['org/none'\\]; known hub ids: Qwen/"):
+        rehearsal.build(tmp_path, full_size=("org/none",))

@@ -7,8 +7,11 @@ the wall time, peak memory (:func:`labhelpers.memory.measure_peak_memory`: on CU
 throughput (tokens/s, padding excluded) and scores. Meant to finish in under 8 minutes on one modern
 GPU. The hub models must be downloadable or cached there; on a machine without a network,
 ``--stand-ins`` runs the same ``t4`` code path on CUDA with the hub-shaped stand-ins of
-:mod:`labhelpers.course.rehearsal` (the rehearsal counts: speed, memory and dtype behaviour are
-real, scores are not). ``--dry-run`` runs the very same code on the CPU with the ``smoke`` profile
+:mod:`labhelpers.course.rehearsal` (the rehearsal counts: dtype behaviour is real, scores are not), and
+``--stand-ins --full-size`` with the profile's base model built at its real shape with random weights
+and the shortened profile's real lengths and batches (speed and memory are the real model's; scores
+are noise). ``--profile gpu-24gb`` smokes the other GPU profile. A lab that fails is recorded with its
+traceback and the next one still runs. ``--dry-run`` runs the very same code on the CPU with the ``smoke`` profile
 (the test suite does this), so the script cannot rot where no GPU is around.
 
 Core paths: Lab 1 LoRA and QLoRA on code; Lab 2 full fine-tuning on SQL and the forgetting probe;
@@ -24,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -70,14 +74,15 @@ def smoke_lab4(profile) -> dict:
     return {row.pop("method"): row for row in table.to_dict("records")}
 
 
-def smoke_profile(dry_run: bool, stand_ins: bool = False):
-    """``smoke`` on the CPU for a dry run; ``t4``'s rehearsal on CUDA with the stand-ins; else ``t4``
-    cut to a few minutes."""
+def smoke_profile(dry_run: bool, stand_ins: bool = False, full_size: bool = False, name: str = "t4"):
+    """``smoke`` on the CPU for a dry run; the GPU profile's rehearsal on CUDA with the tiny stand-ins;
+    else the GPU profile cut to a few minutes (with ``full_size``: on the full-size stand-ins)."""
     if dry_run:
         return profiles.get("smoke")
-    if stand_ins:
-        return profiles.get("t4").rehearsal().with_(name="t4-stand-ins", device="cuda")
-    return profiles.get("t4").with_(name="t4-smoke", max_steps=30, n_eval=32, eval_batch_size=32)
+    if stand_ins and not full_size:
+        return profiles.get(name).rehearsal().with_(name=f"{name}-stand-ins", device="cuda")
+    return profiles.get(name).with_(name=f"{name}-smoke{'-full-size-stand-ins' if full_size else ''}",
+                                    max_steps=30, n_eval=32, eval_batch_size=32)
 
 
 def run_unit_tests(root: Path | None = None) -> dict:
@@ -105,34 +110,50 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="run on the CPU with the smoke profile")
     parser.add_argument("--stand-ins", action="store_true",
                         help="offline: the t4 code path on CUDA with the hub-shaped stand-in models")
+    parser.add_argument("--full-size", action="store_true",
+                        help="with --stand-ins: the base model at its real shape (random weights)")
+    parser.add_argument("--profile", default="t4", choices=("t4", "gpu-24gb"), help="the GPU profile to smoke")
     parser.add_argument("--skip-unit-tests", action="store_true", help="do not run the unit tests first")
     parser.add_argument("--out", type=Path, default=build_dir() / "gpu-smoke.json")
     args = parser.parse_args(argv)
     if not args.dry_run and not torch.cuda.is_available():
         print("no CUDA device: run on a GPU machine, or pass --dry-run to check the script on the CPU")
         return 2
-    profile = smoke_profile(args.dry_run, args.stand_ins)
+    if args.full_size and not args.stand_ins:
+        parser.error("--full-size builds stand-ins: pass it with --stand-ins")
+    profile = smoke_profile(args.dry_run, args.stand_ins, args.full_size, args.profile)
+    if args.stand_ins and not args.dry_run:
+        env = rehearsal.environment(rehearsal.build(full_size=(profile.base_model,) if args.full_size else ()))
+        if any(os.environ.get(key) != value for key, value in env.items()):
+            # huggingface_hub reads these when it is imported, which this module has done: start again under them
+            argv = sys.argv[1:] if argv is None else argv
+            os.execve(sys.executable, [sys.executable, "-m", "labhelpers.course.gpu_smoke", *argv], {**os.environ, **env})
     report = {"profile": profile.name, "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() and not args.dry_run
               else "cpu", "torch": torch.__version__, "labs": {}}
     if not (args.dry_run or args.skip_unit_tests):  # a dry run is itself part of the test suite
         report["unit_tests"] = run_unit_tests()
         print(f"unit tests: {report['unit_tests']}", flush=True)
-    if args.stand_ins:
-        os.environ.update(rehearsal.environment(rehearsal.build()))
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="sftlabs-gpu-smoke-") as tmp:
         for name, fn in (("lab1_peft", smoke_lab1), ("lab2_domain", smoke_lab2),
                          ("lab3_merging", lambda p: smoke_lab3(p, Path(tmp))), ("lab4_memory", smoke_lab4)):
             start = time.perf_counter()
-            with measure_peak_memory(profile.device) as peak:  # CUDA: max_memory_allocated; CPU: resident set
-                result = fn(profile)
-            report["labs"][name] = {"seconds": time.perf_counter() - start, "peak_mib": peak.peak_mib, **result}
-            print(f"{name}: {report['labs'][name]['seconds']:.0f} s", flush=True)
+            try:
+                with measure_peak_memory(profile.device) as peak:  # CUDA: max_memory_allocated; CPU: resident set
+                    result = fn(profile)
+            except Exception:  # noqa: BLE001 - a smoke run reports every lab's failure, not only the first
+                result = {"error": traceback.format_exc()}
+                print(result["error"], flush=True)
+            else:
+                result = {"peak_mib": peak.peak_mib, **result}
+            report["labs"][name] = {"seconds": time.perf_counter() - start, **result}
+            print(f"{name}: {report['labs'][name]['seconds']:.0f} s{' FAILED' if 'error' in result else ''}", flush=True)
     report["seconds"] = time.perf_counter() - started
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2, default=float) + "\n")
     print(f"wrote {args.out} ({report['seconds']:.0f} s)")
-    return 1 if report.get("unit_tests", {}).get("returncode") else 0
+    failed = report.get("unit_tests", {}).get("returncode") or any("error" in lab for lab in report["labs"].values())
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from labhelpers.memory import (
 )
 from labhelpers.labs.lab1 import compare_methods
 from labhelpers.peft_methods import TrainingMethod, parse_method, prepare
+from labhelpers.training import keep_trainable_fp32
 from labhelpers.units import MiB
 
 
@@ -115,12 +116,21 @@ def lab_plan(profile) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def step_precision(profile) -> str | None:
+    """The ``autocast`` dtype of the profile's training runs (what ``SFTConfig(fp16=True)`` or
+    ``bf16=True`` switches on: matrix products in 16 bits, trained weights in their own dtype); None in
+    fp32. Pass it to :func:`labhelpers.memory.measure_training_step` to measure the step a run takes."""
+    return None if profile.dtype == "float32" else profile.dtype
+
+
 def setup_training(method: "str | TrainingMethod", profile, lora_r: int | None = None, learning_rate: float = 1e-4):
     """(model, optimizer) ready to train with ``method`` on the profile's base model.
 
     ``full`` trains every weight; ``lora`` adds LoRA (the profile's targets, rank ``lora_r`` or the
     profile's) to the frozen base; ``qlora`` loads the base in NF4 with double quantization first.
-    ``+gc`` turns on gradient checkpointing, ``+8bit`` uses bitsandbytes' 8-bit AdamW.
+    ``+gc`` turns on gradient checkpointing, ``+8bit`` uses bitsandbytes' 8-bit AdamW. The trained
+    weights follow the training runs' dtype policy (:func:`labhelpers.training.keep_trainable_fp32`);
+    measure its steps under :func:`step_precision`.
     """
     from peft import get_peft_model
 
@@ -135,6 +145,7 @@ def setup_training(method: "str | TrainingMethod", profile, lora_r: int | None =
         model.config.use_cache = False
         if m.base != "full":
             model.enable_input_require_grads()  # as prepare_model_for_kbit_training does for QLoRA
+    keep_trainable_fp32(model, profile)  # fp16 profiles: fp32 master weights, as every training run has
     optimizer = make_optimizer(m.optimizer,
                                (p for p in model.parameters() if p.requires_grad), lr=learning_rate)
     return model, optimizer
@@ -160,7 +171,7 @@ def measured_vs_estimated(profile, methods=("full", "lora", "qlora", "qlora+gc+8
     rows = []
     for method in methods:
         model, optimizer = setup_training(method, profile)
-        measured = measure_training_step(model, batch, optimizer)
+        measured = measure_training_step(model, batch, optimizer, autocast_dtype=step_precision(profile))
         estimated = estimate_for_profile(profile, method)
         rows.append({"method": parse_method(method).label, "measured_peak_mib": measured.peak / MiB,
                      "estimated_peak_mib": estimated.peak / MiB, "estimate_over_measured": estimated.peak / measured.peak,
@@ -183,7 +194,8 @@ def breakdown_grid(profile, methods=("full", "lora", "qlora", "full+gc", "qlora+
         for b in batch_sizes:
             for s in seq_lens:
                 bar.update()
-                measured = measure_training_step(model, make_batch(arch.vocab, b, s, device=profile.device), optimizer)
+                measured = measure_training_step(model, make_batch(arch.vocab, b, s, device=profile.device), optimizer,
+                                                  autocast_dtype=step_precision(profile))
                 estimated = estimate_for_profile(profile, method, b, s)
                 rows.append(_rows(method, measured, estimated, batch_size=b, seq_len=s))
         del model, optimizer
@@ -201,7 +213,7 @@ def checkpointing_sweep(profile, seq_lens=(64, 128, 256, 512), batch_size: int =
         model, optimizer = setup_training(label, profile)
         for s in seq_lens:
             m = measure_training_step(model, make_batch(arch.vocab, batch_size, s, device=profile.device), optimizer,
-                                      steps=steps)
+                                      steps=steps, autocast_dtype=step_precision(profile))
             rows.append({"seq_len": s, "checkpointing": checkpointing, "activations (MiB)": m.activations / MiB,
                          "peak (MiB)": m.peak / MiB, "seconds per step": m.details["seconds"]})
         del model, optimizer
@@ -231,7 +243,8 @@ def optimizer_memory(profile, optimizers=tuple(OPTIMIZERS), method: str = "full"
     for name in optimizers:
         model, _ = setup_training(method, profile)
         optimizer = make_optimizer(name, [p for p in model.parameters() if p.requires_grad])
-        m = measure_training_step(model, make_batch(arch.vocab, batch_size, seq_len, device=profile.device), optimizer)
+        m = measure_training_step(model, make_batch(arch.vocab, batch_size, seq_len, device=profile.device), optimizer,
+                                  autocast_dtype=step_precision(profile))
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         rows.append({"optimizer": name, "optimizer states (MiB)": m.optimizer / MiB,
                      "bytes per trainable parameter": m.optimizer / trainable, "peak (MiB)": m.peak / MiB})
@@ -254,7 +267,8 @@ def accumulation_table(profile, effective_batch: int = 32, micro_batches=(32, 16
                 raise ValueError(f"micro-batch {micro} does not divide the effective batch {effective_batch}")
             m = measure_training_step(model, make_batch(arch.vocab, micro, seq_len, device=profile.device), optimizer,
                                       accumulation_steps=effective_batch // micro, autocast_dtype=precision)
-            rows.append({"precision": precision or profile.dtype, "micro-batch": micro,
+            weights = str(next(p for p in model.parameters() if p.requires_grad).dtype).removeprefix("torch.")
+            rows.append({"precision": precision or weights, "micro-batch": micro,
                          "accumulation steps": effective_batch // micro, "effective batch": effective_batch,
                          "activations (MiB)": m.activations / MiB, "peak (MiB)": m.peak / MiB,
                          "seconds per optimizer step": m.details["seconds"]})
@@ -280,7 +294,7 @@ def compare_efficiency(profile, methods=("full", "lora", "qlora", "qlora+gc+8bit
         overrides = {"optim": m.optimizer} if m.adam_8bit else {}  # else SFTConfig's default AdamW
         trained = compare_methods([m.base], run_profile, task=task, overrides=overrides, curves=True)
         model, optimizer = setup_training(m, profile)
-        step = measure_training_step(model, batch, optimizer)
+        step = measure_training_step(model, batch, optimizer, autocast_dtype=step_precision(profile))
         est = estimate_for_profile(profile, m, size["batch_size"], size["seq_len"])
         row = trained.iloc[0].to_dict()
         curves[m.label] = row.pop("loss_curve")

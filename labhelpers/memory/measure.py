@@ -47,19 +47,37 @@ class PeakMemory:
     peak_mib: float = 0.0
 
 
+_OPEN_CUDA_PEAKS: list[list[int]] = []  # running maxima of the CUDA measure_peak_memory blocks in progress
+
+
+def reset_cuda_peak(device=None) -> None:
+    """``torch.cuda.reset_peak_memory_stats``, after handing the peak so far to every CUDA
+    :func:`measure_peak_memory` block in progress: torch keeps one peak per device, so a measurement
+    inside another (a lab's training step inside a smoke run's block) would otherwise erase the outer one."""
+    current = torch.cuda.max_memory_allocated(device)
+    for running in _OPEN_CUDA_PEAKS:
+        running[0] = max(running[0], current)
+    torch.cuda.reset_peak_memory_stats(device)
+
+
 @contextmanager
 def measure_peak_memory(device: str = "cpu", interval_s: float = 0.005):
-    """Context manager yielding a :class:`PeakMemory` for the work inside the block."""
+    """Context manager yielding a :class:`PeakMemory` for the work inside the block (blocks may nest)."""
     import psutil
 
     result = PeakMemory(device)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+        reset_cuda_peak()
         start = torch.cuda.memory_allocated()
-        yield result
+        running = [start]
+        _OPEN_CUDA_PEAKS.append(running)
+        try:
+            yield result
+        finally:
+            _OPEN_CUDA_PEAKS.remove(running)
         torch.cuda.synchronize()
-        result.peak_mib = to_mib(torch.cuda.max_memory_allocated() - start)
+        result.peak_mib = to_mib(max(running[0], torch.cuda.max_memory_allocated()) - start)
         return
     process = psutil.Process()
     baseline = process.memory_info().rss
@@ -237,15 +255,18 @@ def measure_training_step(model, batch: dict, optimizer=None, steps: int = 2, ac
     Weights, gradients and optimizer states are byte counts of the real tensors (the optimizer's
     state exists from the first step on, which is why the last of ``steps >= 2`` is measured).
     Activations are what autograd saved during one forward pass (of one micro-batch).
-    ``peak`` is the most bytes held at once: on CUDA ``torch.cuda.max_memory_allocated``; elsewhere
-    the weights and optimizer states plus the peak of the tensors created during the step (forward,
-    backward and optimizer step), followed by a dispatch mode.
+    ``peak`` is the most bytes held at once: the weights and optimizer states plus the peak of what
+    the step itself allocates (on CUDA from the allocator's peak over what was allocated when the step
+    began, so neither the batch nor what an earlier model left behind counts; elsewhere from a dispatch
+    mode that follows every tensor created during the step).
 
     ``accumulation_steps``: forward/backward passes per optimizer step (gradient accumulation: the
     batch is each micro-batch, gradients add up, the step sees ``accumulation_steps`` x the batch).
     ``autocast_dtype``: ``"bfloat16"``/``"float16"`` runs forward and backward under ``torch.autocast``
     (mixed precision: matmuls in 16 bits, weights and optimizer in fp32).
-    ``details`` holds ``seconds`` (of the measured optimizer step) and the loss.
+    ``details`` holds ``seconds`` and the loss. ``seconds`` is of a step that ran without the dispatch
+    mode (it follows every operation in Python): the last step on CUDA, the one before it elsewhere
+    (the last one when ``steps`` is 1).
     """
     if steps < 1 or accumulation_steps < 1:
         raise ValueError(f"steps and accumulation_steps must be >= 1, got {steps} and {accumulation_steps}")
@@ -259,19 +280,22 @@ def measure_training_step(model, batch: dict, optimizer=None, steps: int = 2, ac
     def autocast():
         return torch.autocast(device.type, dtype=getattr(torch, autocast_dtype)) if autocast_dtype else _null()
 
-    result = None
+    cuda = device.type == "cuda"
+    result, seconds = None, None
     for step in range(steps):
         optimizer.zero_grad(set_to_none=True)
         last = step == steps - 1
         mode = _null()
         if last:  # what already exists (weights, optimizer states) is not counted again by the tracker
-            static = {_storage_key(t) for t in weight_tensors(model)}
-            static |= {_storage_key(v) for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)}
             static_bytes = weight_bytes(model) + optimizer_state_bytes(optimizer)
-            mode = _live_tensor_mode()(static)
-        if device.type == "cuda":
+            if not cuda:
+                static = {_storage_key(t) for t in weight_tensors(model)}
+                static |= {_storage_key(v) for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)}
+                mode = _live_tensor_mode()(static)
+        if cuda:
             torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
+            reset_cuda_peak(device)
+            allocated = torch.cuda.memory_allocated(device)
         start = time.perf_counter()
         with mode:
             for _ in range(accumulation_steps):
@@ -280,13 +304,15 @@ def measure_training_step(model, batch: dict, optimizer=None, steps: int = 2, ac
                 loss.backward()
             grads = gradient_bytes(model)
             optimizer.step()
-        if device.type == "cuda":
+        if cuda:
             torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
+        if cuda or not last or seconds is None:  # the tracked step is timed only when it is the only one
+            seconds = time.perf_counter() - start
         if last:
-            peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else static_bytes + mode.peak
+            transient = torch.cuda.max_memory_allocated(device) - allocated if cuda else mode.peak
             result = StepMemory(weights=weight_bytes(model), gradients=grads,
-                                optimizer=optimizer_state_bytes(optimizer), activations=saved.bytes, peak=peak,
+                                optimizer=optimizer_state_bytes(optimizer), activations=saved.bytes,
+                                peak=static_bytes + transient,
                                 details={"seconds": seconds, "loss": float(loss.detach()) * accumulation_steps})
     optimizer.zero_grad(set_to_none=True)
     return result

@@ -311,8 +311,21 @@ def warn_if_too_large(model, peft_config, profile: Profile, overrides: dict) -> 
                lora_r=getattr(peft_config, "r", None) or profile.lora_r)
 
 
+# The fields of an ``SFTConfig`` that make a training recipe (what :func:`fine_tune` takes from a
+# config you built); output folder, step count, schedule, logging and saving stay the run's own, and the
+# loss mask follows the data (:func:`sft_dataset`: the assistant's tokens of chat rows, the completion of
+# completion rows), which is what ``assistant_only_loss=True`` asks of chat rows.
+RECIPE_FIELDS = ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "max_length",
+                 "fp16", "bf16", "activation_checkpointing", "optim", "weight_decay")
+
+
+def recipe_of(args) -> dict:
+    """The :data:`RECIPE_FIELDS` of an ``SFTConfig``."""
+    return {name: getattr(args, name) for name in RECIPE_FIELDS}
+
+
 def fine_tune(model, tokenizer, rows, profile: Profile, steps: int, learning_rate: float | None = None,
-              peft_config=None, loss_penalty=None):
+              peft_config=None, loss_penalty=None, args=None):
     """Fine-tune on ``rows`` (a list of rows, or a Dataset) for ``steps`` steps.
 
     Chat or completion rows of one format go to TRL as they are (chat rows train with
@@ -320,7 +333,9 @@ def fine_tune(model, tokenizer, rows, profile: Profile, steps: int, learning_rat
     several formats are tokenized first (:func:`labhelpers.data.tokenize_rows`: the same masks, and
     long text is cut into pieces instead of truncated). Full fine-tuning uses the profile's
     ``full_ft_learning_rate`` unless told otherwise, PEFT its ``learning_rate``
-    (:func:`labhelpers.peft_methods.default_learning_rate`).
+    (:func:`labhelpers.peft_methods.default_learning_rate`). ``args``, an ``SFTConfig`` you built,
+    supplies the recipe (:data:`RECIPE_FIELDS`: learning rate, batch, accumulation, length, precision,
+    checkpointing, optimizer); ``learning_rate`` still wins when given.
     Returns the :class:`~labhelpers.training.TrainResult`.
     """
     from datasets import Dataset
@@ -334,9 +349,11 @@ def fine_tune(model, tokenizer, rows, profile: Profile, steps: int, learning_rat
             dataset = Dataset.from_list([{c: row[c] for c in columns} for row in rows])
         else:
             dataset = Dataset.from_list(tokenize_rows(rows, tokenizer, profile.max_seq_length))
-    lr = learning_rate or default_learning_rate(peft_config, profile)
+    recipe = recipe_of(args) if args is not None else {}
+    recipe_lr = recipe.pop("learning_rate", None)
+    lr = learning_rate or recipe_lr or default_learning_rate(peft_config, profile)
     return train_sft(model, tokenizer, dataset, profile, peft_config=peft_config, loss_penalty=loss_penalty,
-                     max_steps=steps, learning_rate=lr, warmup_steps=max(1, steps // 20))
+                     **recipe, max_steps=steps, learning_rate=lr, warmup_steps=max(1, steps // 20))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -112,3 +112,26 @@ def test_one_training_method_record_and_one_learning_rate_policy(ci_profile):
     for name in ("full", "lora", "ia3"):
         prepared_lr = peft_methods.get_method(name).lr(ci_profile)
         assert lr(peft_config(name, ci_profile), ci_profile) == prepared_lr  # prepare() and fine_tune agree
+
+
+def test_the_qlora_setup_check_accepts_the_course_configs_and_names_each_wrong_field(ci_profile, tmp_path):
+    import torch
+    from peft import LoraConfig
+    from transformers import BitsAndBytesConfig
+    from trl import SFTConfig
+
+    from labhelpers import models, training
+    from labhelpers.labs import lab1
+
+    ours = (models.quantization_config("nf4", getattr(torch, ci_profile.dtype)), peft_config("qlora", ci_profile),
+            training.sft_config(ci_profile, "chat", str(tmp_path)))
+    assert lab1.check_qlora_setup(*ours, ci_profile).passed
+    # library defaults: FP4 without double quantization, rank 8 on q/v, TRL's own steps, length and precision
+    defaults = lab1.check_qlora_setup(BitsAndBytesConfig(load_in_4bit=True), LoraConfig(target_modules=["q_proj", "v_proj"]),
+                                      SFTConfig(output_dir=str(tmp_path), use_cpu=True), ci_profile)
+    assert not defaults.passed and defaults.cases == 18
+    for field in ("bnb_4bit_quant_type: expected 'nf4', got 'fp4'", "bnb_4bit_use_double_quant", "LoraConfig.r:",
+                  "LoraConfig.target_modules", "SFTConfig.assistant_only_loss", "SFTConfig.max_length: expected 160",
+                  "SFTConfig.activation_checkpointing: expected False, got True"):
+        assert any(field in f for f in defaults.failures), (field, defaults.failures)
+    assert lab1.check_qlora_setup(None, ours[1], ours[2], ci_profile).failures == ["expected BitsAndBytesConfig, got NoneType"]

@@ -263,3 +263,23 @@ def test_train_tokens_count_each_micro_batch_without_padding(ci_profile):
     assert result.train_tokens == 3 * 2 * 4 * length
     assert result.tokens_per_second == pytest.approx(result.train_tokens / result.train_seconds)
     assert result.summary()["tokens_per_sec"] > 0
+
+
+def test_fine_tune_takes_the_recipe_from_an_sft_config_you_built(ci_profile, monkeypatch):
+    """``fine_tune(..., args=SFTConfig(...))`` trains with that config's recipe (learning rate, batch,
+    accumulation, length, loss mask, precision, checkpointing, optimizer); the steps are the run's."""
+    from trl import SFTConfig
+
+    from labhelpers import training
+    from labhelpers.tasks import task_rows
+
+    seen = {}
+    monkeypatch.setattr(training, "train_sft", lambda *a, **kw: seen.update(kw))
+    mine = SFTConfig(output_dir="unused", learning_rate=7e-4, per_device_train_batch_size=3, gradient_accumulation_steps=2,
+                     max_length=96, assistant_only_loss=True, activation_checkpointing=False, use_cpu=True, bf16=False,
+                     optim="adamw_torch", weight_decay=0.01, max_steps=999)
+    training.fine_tune(None, None, task_rows("code", "train")[:4], ci_profile, 5, args=mine)
+    assert {k: seen[k] for k in training.RECIPE_FIELDS} == training.recipe_of(mine)
+    assert seen["max_steps"] == 5 and seen["learning_rate"] == 7e-4
+    training.fine_tune(None, None, task_rows("code", "train")[:4], ci_profile, 5, learning_rate=1e-5, args=mine)
+    assert seen["learning_rate"] == 1e-5  # an explicit learning rate still wins

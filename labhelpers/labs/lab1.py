@@ -14,10 +14,12 @@ from labhelpers.adapters import adapter_state_dict, save_adapters
 from labhelpers.evaluation import evaluate
 from labhelpers.memory import plan_grid
 from labhelpers.models import load_model
-from labhelpers.peft_methods import get_method, prepare
+from labhelpers.models import quantization_config
+from labhelpers.peft_methods import get_method, peft_config, prepare
 from labhelpers.profiles import Profile
 from labhelpers.tasks import load_split
-from labhelpers.training import train_sft
+from labhelpers.quantization import CheckReport
+from labhelpers.training import RECIPE_FIELDS, sft_config, train_sft
 from labhelpers.units import files_mib
 
 
@@ -135,3 +137,40 @@ def save_reload_merge(peft_model, profile: Profile, folder) -> dict:
             "reload_max_abs_diff": (after_reload - trained).abs().max().item(),
             "merge_max_abs_diff": (after_merge - trained).abs().max().item(),
             "merged_model": merged}
+
+
+QLORA_BNB_FIELDS = ("load_in_4bit", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype")
+QLORA_LORA_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "task_type")
+QLORA_SFT_FIELDS = ("max_steps", "assistant_only_loss", *(f for f in RECIPE_FIELDS if f not in ("optim", "weight_decay")))
+
+
+def check_qlora_setup(bnb_config, lora_config, sft_args, profile: Profile) -> CheckReport:
+    """The graded check of a QLoRA setup: the ``BitsAndBytesConfig``, ``LoraConfig`` and ``SFTConfig``
+    a student built must hold what QLoRA and the profile call for, field by field (NF4 with double
+    quantization and the profile's compute dtype; the profile's rank, alpha, dropout and target
+    modules; its steps, learning rate, batch, accumulation, length, precision and checkpointing, with the
+    loss on the assistant's tokens only). Compared with the course's own configs for the profile."""
+    from peft import LoraConfig
+    from transformers import BitsAndBytesConfig
+    from trl import SFTConfig
+
+    failures = []
+    for obj, cls in ((bnb_config, BitsAndBytesConfig), (lora_config, LoraConfig), (sft_args, SFTConfig)):
+        if not isinstance(obj, cls):
+            failures.append(f"expected {cls.__name__}, got {type(obj).__name__}")
+    if failures:
+        return CheckReport(False, 3, failures)
+    with tempfile.TemporaryDirectory() as out:
+        expected = ((bnb_config, quantization_config("nf4", getattr(torch, profile.dtype)), QLORA_BNB_FIELDS),
+                    (lora_config, peft_config("qlora", profile), QLORA_LORA_FIELDS),
+                    (sft_args, sft_config(profile, "chat", out), QLORA_SFT_FIELDS))
+    cases = 0
+    for ours, reference, fields in expected:
+        for name in fields:
+            cases += 1
+            got, want = getattr(ours, name, None), getattr(reference, name)
+            if name == "target_modules":
+                got, want = set(got or ()), set(want)
+            if got != want:
+                failures.append(f"{type(ours).__name__}.{name}: expected {want!r}, got {got!r}")
+    return CheckReport(not failures, cases, failures)

@@ -65,7 +65,7 @@ def test_compare_methods_measures_every_column(ci_profile):
     df = compare_methods(["full", "lora", "bottleneck"], profile, adapter_cls=BottleneckAdapter, bottleneck=8)
     assert list(df["method"]) == ["full", "lora", "bottleneck"]
     for column in ("trainable_params", "trainable_pct", "peak_mib", "sec_per_step", "final_train_loss",
-                   "score_test", "score_heldout", "saved_mib"):
+                   "score_validation", "score_test", "score_heldout", "saved_mib"):
         assert df[column].notna().all(), column
     full, lora, adapter = df.to_dict("records")
     assert full["trainable_pct"] == 100 and lora["trainable_pct"] < 5
@@ -80,9 +80,10 @@ def test_training_memory_guidance_uses_lab4_estimator_and_picks_the_best_method_
 
     assert [lab1.memory_method(m) for m in ("full", "lora", "qlora", "dora", "ia3", "bottleneck")] == \
         ["full", "lora", "qlora", "lora", "lora", "lora"]
-    comparison = pd.DataFrame([{"method": "full", "trainable_pct": 100.0, "score_test": 0.9},
-                               {"method": "lora", "trainable_pct": 0.5, "score_test": 0.8},
-                               {"method": "qlora", "trainable_pct": 0.5, "score_test": 0.7}])
+    # test scores in the opposite order: the guidance must follow validation, never test
+    comparison = pd.DataFrame([{"method": "full", "trainable_pct": 100.0, "score_validation": 0.9, "score_test": 0.1},
+                               {"method": "lora", "trainable_pct": 0.5, "score_validation": 0.8, "score_test": 0.5},
+                               {"method": "qlora", "trainable_pct": 0.5, "score_validation": 0.7, "score_test": 0.9}])
     estimates = lab1.memory_estimates(comparison, sizes=("7B",), seq_len=1024)
     plan = memory.plan("7B", 80, methods=("full", "lora", "qlora"), seq_len=1024).set_index("method")
     assert estimates["7B (GB)"].to_dict() == pytest.approx(plan["peak (GB)"].round(1).to_dict())
@@ -93,6 +94,9 @@ def test_training_memory_guidance_uses_lab4_estimator_and_picks_the_best_method_
     assert fits[16]["qlora"] and not fits[16]["lora"] and row["16 GB"].startswith("qlora")
     assert fits[24]["lora"] and not fits[24]["full"] and row["24 GB"].startswith("lora")
     assert row["200 GB"].startswith("full")
+    without_validation = comparison.drop(columns="score_validation")
+    with pytest.raises(KeyError, match="score_validation"):
+        lab1.gpu_guidance(without_validation, sizes=("7B",), gpus_gb=(200,))
 
 
 def test_one_training_method_record_and_one_learning_rate_policy(ci_profile):

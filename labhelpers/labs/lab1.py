@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 
 from labhelpers.adapters import adapter_state_dict, save_adapters
-from labhelpers.evaluation import evaluate
+from labhelpers.evaluation import SELECTION_SPLIT, evaluate, select_best
 from labhelpers.memory import plan_grid
 from labhelpers.models import load_model
 from labhelpers.models import quantization_config
@@ -39,8 +39,9 @@ def compare_methods(methods: list[str], profile: Profile, task: str = "code", ad
     """Train every method on the same data with the same step budget and measure it.
 
     Returns a DataFrame, one row per method: trainable parameters (absolute and %), peak memory,
-    seconds per step, final training loss, score on the test split and on the held-out slice (where
-    the task has one), and the size of what must be saved. With ``keep``, also returns
+    seconds per step, final training loss, score on the validation split (what a choice between the
+    methods may read, :func:`gpu_guidance`), on the test split and on the held-out slice (where the
+    task has one), and the size of what must be saved. With ``keep``, also returns
     ``{method: (trained model, tokenizer)}`` for those methods: ``(df, kept)``. ``overrides`` go to
     every run's ``SFTConfig`` (e.g. ``{"optim": "adamw_bnb_8bit"}``); ``curves`` adds each run's loss
     curve (a DataFrame) in a ``loss_curve`` column.
@@ -54,7 +55,7 @@ def compare_methods(methods: list[str], profile: Profile, task: str = "code", ad
         row = {"method": name, **result.summary()}
         if curves:
             row["loss_curve"] = result.loss_curve
-        for split in ("test", "heldout"):
+        for split in (SELECTION_SPLIT, "test", "heldout"):
             try:
                 scored = evaluate(result.model, tokenizer, task, profile, split)
             except FileNotFoundError:
@@ -94,18 +95,20 @@ def gpu_guidance(comparison, sizes=("1B", "3B", "7B", "13B"), gpus_gb=(8, 12, 16
 
     Scores come from ``comparison`` (the output of :func:`compare_methods`); memory from
     :func:`memory.plan_grid` (a method fits when its peak plus the CUDA context is at most 90% of the
-    GPU). "best" = highest measured test score, then least memory.
+    GPU). "best" = highest score on the validation split, then least memory
+    (:func:`labhelpers.evaluation.select_best`: the test split is not read).
     """
     grid = _plan(comparison, sizes, gpus_gb, seq_len)
-    records = [(rec["method"], memory_method(rec["method"]), rec["score_test"])
-               for rec in comparison.to_dict("records")]
+    scored = pd.DataFrame({"method": comparison["method"], "planned": comparison["method"].map(memory_method),
+                           "score": comparison[f"score_{SELECTION_SPLIT}"], "split": SELECTION_SPLIT})
     rows = []
     for size in sizes:
         row = {"model": size}
         for gpu in gpus_gb:
-            fits = [(-score, grid[(size, planned)]["peak (GB)"], method) for method, planned, score in records
-                    if grid[(size, planned)][f"fits {gpu} GB"]]
-            row[f"{gpu} GB"] = f"{min(fits)[2]} ({min(fits)[1]:.1f} GB)" if fits else "none fits"
+            fits = scored[[grid[(size, planned)][f"fits {gpu} GB"] for planned in scored["planned"]]]
+            fits = fits.assign(peak=[grid[(size, planned)]["peak (GB)"] for planned in fits["planned"]])
+            best = select_best(fits, "score", tie_breakers=[("peak", True)]) if len(fits) else None
+            row[f"{gpu} GB"] = "none fits" if best is None else f"{best['method'].iloc[0]} ({best['peak'].iloc[0]:.1f} GB)"
         rows.append(row)
     return pd.DataFrame(rows)
 

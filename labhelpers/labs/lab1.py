@@ -13,8 +13,7 @@ import torch
 from labhelpers.adapters import adapter_state_dict, save_adapters
 from labhelpers.evaluation import SELECTION_SPLIT, evaluate, select_best
 from labhelpers.memory import plan_grid
-from labhelpers.models import load_model
-from labhelpers.models import quantization_config
+from labhelpers.models import load_model, quantization_config
 from labhelpers.peft_methods import get_method, peft_config, prepare
 from labhelpers.profiles import Profile
 from labhelpers.tasks import load_split
@@ -105,8 +104,8 @@ def gpu_guidance(comparison, sizes=("1B", "3B", "7B", "13B"), gpus_gb=(8, 12, 16
     for size in sizes:
         row = {"model": size}
         for gpu in gpus_gb:
-            fits = scored[[grid[(size, planned)][f"fits {gpu} GB"] for planned in scored["planned"]]]
-            fits = fits.assign(peak=[grid[(size, planned)]["peak (GB)"] for planned in fits["planned"]])
+            plans = [grid[(size, planned)] for planned in scored["planned"]]
+            fits = scored.assign(peak=[plan["peak (GB)"] for plan in plans])[[plan[f"fits {gpu} GB"] for plan in plans]]
             best = select_best(fits, "score", tie_breakers=[("peak", True)]) if len(fits) else None
             row[f"{gpu} GB"] = "none fits" if best is None else f"{best['method'].iloc[0]} ({best['peak'].iloc[0]:.1f} GB)"
         rows.append(row)

@@ -258,6 +258,7 @@ def accumulation_table(profile, effective_batch: int = 32, micro_batches=(32, 16
     effective batch, split into micro-batches, in fp32 and under autocast."""
     arch = profile_architecture(profile)
     model, optimizer = setup_training(method, profile)
+    weights = str(next(p for p in model.parameters() if p.requires_grad).dtype).removeprefix("torch.")  # no autocast
     rows = []
     for precision in precisions:
         if precision == profile.dtype and None in precisions:
@@ -267,7 +268,6 @@ def accumulation_table(profile, effective_batch: int = 32, micro_batches=(32, 16
                 raise ValueError(f"micro-batch {micro} does not divide the effective batch {effective_batch}")
             m = measure_training_step(model, make_batch(arch.vocab, micro, seq_len, device=profile.device), optimizer,
                                       accumulation_steps=effective_batch // micro, autocast_dtype=precision)
-            weights = str(next(p for p in model.parameters() if p.requires_grad).dtype).removeprefix("torch.")
             rows.append({"precision": precision or weights, "micro-batch": micro,
                          "accumulation steps": effective_batch // micro, "effective batch": effective_batch,
                          "activations (MiB)": m.activations / MiB, "peak (MiB)": m.peak / MiB,

@@ -145,3 +145,98 @@ def lora_parameter_counts(model, ranks: list[int], target_modules: list[str]) ->
         rows.append({"rank": r, "trainable_params": counted, "formula_params": sum(r * (i + o) for i, o in formula_layers),
                      "trainable_pct": 100 * counted / total})
     return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------------------------------- DoRA
+
+def peft_dora_layer(base: nn.Linear, r: int, alpha: float):
+    """``peft``'s DoRA layer (``LoraConfig(use_dora=True)``) wrapping a copy of ``base``; its magnitude
+    vector is ``.lora_magnitude_vector["default"].weight``."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=["proj"], lora_dropout=0.0, use_dora=True)
+    return inject_adapter_in_model(config, _OneLayer(copy.deepcopy(base))).proj
+
+
+@dataclass(frozen=True)
+class DoRACheck:
+    """Maximum absolute differences between a student's DoRA layer and ``peft``'s on the same weights.
+
+    The gradients are those of one loss through both layers (differences relative to the largest
+    gradient when above 1): they agree only when the row norm ``||W + (alpha/r) B A||`` is treated as
+    a constant (detached), as DoRA's section 4.3 and ``peft`` do.
+    """
+
+    starts_equal_to_base: float
+    magnitude_init_vs_peft: float
+    output_vs_peft: float
+    grad_magnitude_vs_peft: float
+    grad_lora_A_vs_peft: float
+    grad_lora_B_vs_peft: float
+    base_frozen: bool
+    shapes_ok: bool
+    atol: float
+
+    @property
+    def passed(self) -> bool:
+        diffs = (self.starts_equal_to_base, self.magnitude_init_vs_peft, self.output_vs_peft,
+                 self.grad_magnitude_vs_peft, self.grad_lora_A_vs_peft, self.grad_lora_B_vs_peft)
+        return self.base_frozen and self.shapes_ok and max(diffs) <= self.atol
+
+    def to_frame(self) -> pd.DataFrame:
+        return pd.DataFrame([asdict(self) | {"passed": self.passed}]).T.rename(columns={0: "value"})
+
+
+def _relative_diff(a: torch.Tensor | None, b: torch.Tensor | None) -> float:
+    """Largest difference, relative to the largest entry of ``b`` when that is above 1 (gradients reach
+    tens, where float32 rounding alone differs by 1e-6)."""
+    if a is None or b is None:
+        return float("inf")  # no gradient reached the parameter
+    return ((a - b).abs().max() / b.abs().max().clamp(min=1.0)).item()
+
+
+def compare_dora_with_peft(layer_cls, in_features: int = 48, out_features: int = 32, r: int = 4,
+                           alpha: float = 8.0, seed: int = 0, atol: float = 1e-5) -> DoRACheck:
+    """Build ``layer_cls(base, r, alpha)`` and ``peft``'s DoRA layer on one base layer, compare the
+    magnitude vector each initialises, then give both the same random A, B and magnitude and compare
+    outputs and the gradients of one loss.
+
+    The student's layer keeps the frozen layer as ``.base`` and has parameters ``.lora_A`` ``[r, in]``,
+    ``.lora_B`` ``[out, r]`` and ``.magnitude`` ``[out]``.
+    """
+    torch.manual_seed(seed)
+    base = nn.Linear(in_features, out_features)
+    x = torch.randn(5, 7, in_features)
+    student = layer_cls(copy.deepcopy(base), r=r, alpha=alpha)
+    reference = peft_dora_layer(base, r=r, alpha=alpha)
+    ref_magnitude = reference.lora_magnitude_vector["default"].weight
+    shapes_ok = (tuple(getattr(student, "lora_A", torch.empty(0)).shape) == (r, in_features)
+                 and tuple(getattr(student, "lora_B", torch.empty(0)).shape) == (out_features, r)
+                 and tuple(getattr(student, "magnitude", torch.empty(0)).shape) == (out_features,))
+    base_frozen = all(not p.requires_grad for p in getattr(student, "base", base).parameters())
+    with torch.no_grad():
+        starts_equal = (student(x) - base(x)).abs().max().item()
+    if not shapes_ok:
+        inf = float("inf")
+        return DoRACheck(starts_equal, inf, inf, inf, inf, inf, base_frozen, shapes_ok, atol)
+    magnitude_init = (student.magnitude.detach() - ref_magnitude.detach()).abs().max().item()
+    A, B = torch.randn(r, in_features), torch.randn(out_features, r) * 0.3
+    m = ref_magnitude.detach() * (1 + 0.2 * torch.randn(out_features))
+    with torch.no_grad():
+        for ours, theirs, value in ((student.lora_A, reference.lora_A["default"].weight, A),
+                                    (student.lora_B, reference.lora_B["default"].weight, B),
+                                    (student.magnitude, ref_magnitude, m)):
+            ours.copy_(value)
+            theirs.copy_(value)
+    upstream = torch.randn(5, 7, out_features)
+    ours_out, theirs_out = student(x), reference(x)
+    (ours_out * upstream).sum().backward()
+    (theirs_out * upstream).sum().backward()
+    return DoRACheck(
+        starts_equal_to_base=starts_equal,
+        magnitude_init_vs_peft=magnitude_init,
+        output_vs_peft=(ours_out - theirs_out).abs().max().item(),
+        grad_magnitude_vs_peft=_relative_diff(student.magnitude.grad, ref_magnitude.grad),
+        grad_lora_A_vs_peft=_relative_diff(student.lora_A.grad, reference.lora_A["default"].weight.grad),
+        grad_lora_B_vs_peft=_relative_diff(student.lora_B.grad, reference.lora_B["default"].weight.grad),
+        base_frozen=base_frozen, shapes_ok=shapes_ok, atol=atol)

@@ -10,12 +10,32 @@ from shipped_solutions import solution
 # ---- Lab 1
 LoRALinear = solution("lab1_peft", "lora_layer", "LoRALinear")
 BottleneckAdapter = solution("lab1_peft", "bottleneck_adapter", "BottleneckAdapter")
+DoRALinear = solution("lab1_peft", "dora_layer", "DoRALinear")
 
 
 class LoRALinearWrongScaling(LoRALinear):
     def __init__(self, base, r, alpha):
         super().__init__(base, r, alpha)
         self.scaling = alpha  # forgets to divide by r
+
+
+class DoRANormNotDetached(DoRALinear):
+    def forward(self, x):
+        direction = self.base.weight + self.scaling * self.lora_B @ self.lora_A
+        weight = (self.magnitude / direction.norm(dim=1)).unsqueeze(1) * direction  # gradient flows through the norm
+        return torch.nn.functional.linear(x, weight, self.base.bias)
+
+
+class DoRAColumnNorms(DoRALinear):
+    def __init__(self, base, r, alpha):
+        super().__init__(base, r, alpha)
+        with torch.no_grad():  # norms over the output dimension (columns), not each output's row
+            self.magnitude.copy_(base.weight.norm(dim=0)[: base.out_features])
+
+    def forward(self, x):
+        direction = self.base.weight + self.scaling * self.lora_B @ self.lora_A
+        norm = direction.norm(dim=0).detach()[: direction.shape[0]]
+        return torch.nn.functional.linear(x, (self.magnitude / norm).unsqueeze(1) * direction, self.base.bias)
 
 
 class AdapterWithoutResidual(BottleneckAdapter):

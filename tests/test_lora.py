@@ -3,7 +3,7 @@
 import pytest
 
 from labhelpers import lora
-from reference_solutions import LoRALinear, LoRALinearWrongScaling
+from reference_solutions import DoRAColumnNorms, DoRALinear, DoRANormNotDetached, LoRALinear, LoRALinearWrongScaling
 
 
 def test_correct_lora_layer_matches_peft():
@@ -20,6 +20,29 @@ def test_wrong_scaling_is_caught():
 def test_lora_layer_learns_and_base_stays_frozen():
     losses = lora.train_lora_layer(LoRALinear, steps=150)
     assert losses["mse"].iloc[-10:].mean() < losses["mse"].iloc[:10].mean() / 10
+
+
+def test_correct_dora_layer_matches_peft():
+    for shape in [(48, 32, 4, 8.0, 0), (20, 36, 2, 5.0, 3), (64, 16, 8, 16.0, 7)]:
+        check = lora.compare_dora_with_peft(DoRALinear, *shape)
+        assert check.passed, check
+        assert check.magnitude_init_vs_peft < 1e-6 and check.output_vs_peft < 1e-5
+
+
+def test_a_dora_norm_that_is_not_detached_gives_peft_outputs_and_wrong_gradients():
+    check = lora.compare_dora_with_peft(DoRANormNotDetached)
+    assert check.output_vs_peft < 1e-5 and not check.passed
+    assert check.grad_lora_A_vs_peft > 1e-2 and check.grad_lora_B_vs_peft > 1e-2
+
+
+def test_dora_magnitudes_from_the_wrong_axis_are_caught():
+    check = lora.compare_dora_with_peft(DoRAColumnNorms)
+    assert not check.passed and check.magnitude_init_vs_peft > 1e-2 and check.output_vs_peft > 1e-2
+
+
+def test_a_dora_layer_with_the_wrong_parameter_shapes_fails_without_comparing():
+    check = lora.compare_dora_with_peft(LoRALinear)  # no magnitude vector
+    assert not check.shapes_ok and not check.passed and check.output_vs_peft == float("inf")
 
 
 def test_parameter_counts_match_the_formula(base):

@@ -35,6 +35,7 @@ def _lab1(m: dict) -> None:
     assert m["lora_trainable_pct"] < 5
     assert m["lora_saved_mib"] < m["full_saved_mib"] / 5
     assert m["reload_max_abs_diff"] < 1e-5 and m["merge_max_abs_diff"] < 1e-3
+    assert m["dora_exercise_vs_peft"] < 1e-5  # the DoRA layer written in the notebook agrees with peft's
     assert m["merged_lora_pass_at_1"] >= m["lora_pass_at_1"] - 0.05
     for method in ("full", "dora", "adalora", "ia3", "bottleneck"):
         assert m[f"{method}_pass_at_1"] > m["base_pass_at_1"], method

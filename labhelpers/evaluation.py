@@ -60,10 +60,11 @@ def eval_size(task: str, profile: Profile, split: str = "test") -> int:
 
 def with_intervals(table: pd.DataFrame, sizes: dict[str, int]) -> pd.DataFrame:
     """Add ``<column> 95% low`` and ``<column> 95% high`` after each score column named in ``sizes``
-    (``{column: number of examples it averages over}``): the :func:`binomial_interval` of each row."""
+    (``{column: number of examples it averages over}``): the :func:`binomial_interval` of each row (a
+    row without a score, NaN, gets none)."""
     out = table.copy()
     for column, n in sizes.items():
-        bounds = [score_interval(v, n) for v in out[column]]
+        bounds = [(math.nan, math.nan) if pd.isna(v) else score_interval(v, n) for v in out[column]]
         at = out.columns.get_loc(column) + 1
         out.insert(at, f"{column} 95% low", [lo for lo, _ in bounds])
         out.insert(at + 1, f"{column} 95% high", [hi for _, hi in bounds])

@@ -171,6 +171,44 @@ def peft_config(method: str, profile: Profile, **overrides):
     return entry.config(profile, **overrides) if entry.config else None
 
 
+# the fields of each peft config that set what trains (the rest are defaults that do not change the method)
+_SHOWN_FIELDS = {"LoraConfig": ("r", "lora_alpha", "lora_dropout", "use_dora", "target_modules"),
+                 "AdaLoraConfig": ("init_r", "target_r", "lora_alpha", "tinit", "tfinal", "deltaT", "total_step",
+                                   "target_modules"),
+                 "IA3Config": ("target_modules", "feedforward_modules")}
+
+
+def _config_text(config) -> str:
+    kind = type(config).__name__
+    shown = []
+    for field in _SHOWN_FIELDS.get(kind, ()):
+        value = getattr(config, field)
+        if field == "use_dora" and not value:
+            continue
+        shown.append(f"{field}={sorted(value) if isinstance(value, (set, frozenset)) else value!r}")
+    return f"{kind}({', '.join(shown)})"
+
+
+def describe_methods(names, profile: Profile, bottleneck: int = 16) -> "pd.DataFrame":
+    """What each method trains with in ``profile``: how the base is stored, the ``peft`` config that
+    :func:`prepare` builds (its fields that matter), and the learning rate: one row per method."""
+    import pandas as pd
+
+    rows = []
+    for name in names:
+        entry, config = get_method(name), peft_config(name, profile)
+        if config is not None:
+            setup = _config_text(config)
+        elif entry.needs_adapter_class:
+            setup = f"add_adapters(model, your BottleneckAdapter, bottleneck={bottleneck}): after every MLP"
+        else:
+            setup = "no peft config: every weight trains"
+        base = (f"NF4 + double quantization, compute in {profile.dtype}" if entry.quantization == "nf4"
+                else f"{profile.dtype}" + (", frozen" if name != "full" else ""))
+        rows.append({"method": name, "base weights": base, "setup": setup, "learning rate": entry.lr(profile)})
+    return pd.DataFrame(rows).set_index("method")
+
+
 def prepare(method: str, profile: Profile, adapter_cls=None, bottleneck: int = 16, **overrides) -> dict:
     """Load the base for ``method`` and set it up; returns the keyword arguments of ``train_sft``
     (``model``, ``tokenizer``, ``peft_config``, ``learning_rate``)."""

@@ -49,6 +49,7 @@ class Profile:
     fused_lm_head: bool = True  # TRL's chunked log-prob head: less memory on big vocabularies, slower on small
     length_group: int = 4  # 0: random batches; k: k random batches at a time regrouped by length (training.LengthGroupedBatches)
     seed: int = 0
+    seeds: int = 1  # where a lab compares methods, how many seeds each trains with (seed, seed + 1, ...)
     device_memory_gib: float | None = None  # the GPU a profile is sized for (None: the machine's own memory)
 
     def with_(self, **changes) -> "Profile":
@@ -97,7 +98,7 @@ PROFILES: dict[str, Profile] = {
 }
 # ``cpu``: the ``ci`` settings with twice the batch, more steps and the whole evaluation splits (a
 # student's laptop). ``ci`` halves the batch: each lab still shows its effect, in about a third less time.
-PROFILES["cpu"] = PROFILES["ci"].with_(name="cpu", batch_size=16, max_steps=800, n_eval=None)
+PROFILES["cpu"] = PROFILES["ci"].with_(name="cpu", batch_size=16, max_steps=800, n_eval=None, seeds=3)
 # ``smoke``: the fewest steps and examples that still execute every cell: the grading profile (instructors
 # autograde in it; the ``ci`` runs assert the effects of the same code path) and dry runs, never to show
 # a lab's results.

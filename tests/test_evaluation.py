@@ -115,6 +115,8 @@ def test_intervals_on_a_table_and_distinguishable_scores():
     table = with_intervals(pd.DataFrame({"method": ["a", "b"], "score": [0.9, 0.5]}), {"score": 100})
     assert list(table.columns) == ["method", "score", "score 95% low", "score 95% high"]
     assert table.loc[0, "score 95% low"] == pytest.approx(binomial_interval(90, 100)[0])
+    unscored = with_intervals(pd.DataFrame({"score": [0.5, float("nan")]}), {"score": 10})  # a row without a score
+    assert unscored.loc[1, ["score 95% low", "score 95% high"]].isna().all() and unscored.loc[0, "score 95% low"] > 0
     assert distinguishable(0.9, 0.5, 100, 100) and not distinguishable(0.9, 0.85, 100, 100)
     assert not distinguishable(0.9, 0.5, 5, 5)  # five examples cannot tell 0.9 from 0.5
     for bad in ((3, 0), (5, 4), (-1, 4)):

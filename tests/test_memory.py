@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 
-from labhelpers import memory
+from labhelpers import memory, profiles
 from labhelpers.labs import lab4
 from labhelpers.paths import accelerate_config
 from labhelpers.units import MiB
@@ -302,3 +302,26 @@ def test_package_names_load_lazily_and_match_the_type_checking_imports():
     assert out.strip() == "[]"
     with pytest.raises(AttributeError, match="no attribute 'nonsense'"):
         memory.nonsense
+
+
+def test_largest_relative_gap_compares_gradients_tensor_by_tensor():
+    a = {"w": torch.tensor([1.0, 2.0]), "z": torch.zeros(2)}
+    assert lab4.largest_relative_gap(a, {"w": torch.tensor([1.0, 2.2]), "z": torch.zeros(2)}) == pytest.approx(0.2 / 2.2)
+    assert lab4.largest_relative_gap({"w": a["w"], "z": torch.tensor([0.0, 0.5])}, a) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="different tensors"):
+        lab4.largest_relative_gap(a, {"w": a["w"]})
+    assert lab4.gradient_tolerance(profiles.get("ci")) == 1e-3 and lab4.gradient_tolerance(profiles.get("gpu-24gb")) == 5e-2
+
+
+def test_memory_split_puts_the_parts_measured_here_beside_the_real_models_estimate():
+    profile = profiles.get("ci").with_(batch_size=2, max_seq_length=32)
+    split = lab4.memory_split(profile, methods=("lora", "qlora"))
+    assert split.index.get_level_values("source").unique().tolist() == ["measured here", "estimated, real model"]
+    here, real = split.xs("measured here", level="source"), split.xs("estimated, real model", level="source")
+    assert here["model"].iloc[0] == "tiny, 2 x 32, float32"
+    assert real["model"].iloc[0].startswith("qwen2.5-coder-0.5b, 8 x 384, float16, checkpointing")
+    for part in (here, real):
+        assert part.loc["qlora", "weights (MiB)"] < part.loc["lora", "weights (MiB)"]
+        assert (part["peak (MiB)"] >= part["weights (MiB)"] + part["activations (MiB)"]).all()
+    # the real model's weights dwarf this one's: NF4 saves hundreds of MiB there (its fp32 embedding stays)
+    assert real.loc["lora", "weights (MiB)"] - real.loc["qlora", "weights (MiB)"] > 200

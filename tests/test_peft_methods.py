@@ -1,5 +1,6 @@
 import pytest
 
+from labhelpers import peft_methods
 from labhelpers.peft_methods import METHODS, peft_config
 
 
@@ -72,6 +73,34 @@ def test_compare_methods_measures_every_column(ci_profile):
     assert lora["saved_mib"] < full["saved_mib"] / 10 and adapter["saved_mib"] < full["saved_mib"] / 10
 
 
+@pytest.mark.slow
+def test_compare_methods_over_seeds_averages_each_method_and_shows_the_seed_spread(ci_profile):
+    from labhelpers.labs.lab1 import compare_methods
+
+    profile = ci_profile.with_(max_steps=3, n_eval=8, eval_batch_size=8)
+    df = compare_methods(["lora"], profile, seeds=2)
+    assert df["seeds"].tolist() == [2] and df["method"].tolist() == ["lora"]
+    columns = list(df.columns)
+    for split in ("validation", "test", "heldout"):
+        assert columns.index(f"score_{split} seed sd") == columns.index(f"score_{split}") + 1
+    with pytest.raises(ValueError, match="seeds must be a positive integer"):
+        compare_methods(["lora"], profile, seeds=0)
+
+
+def test_mean_over_seeds_averages_numbers_and_keeps_the_rest_from_the_first_seed():
+    from labhelpers.labs.lab1 import mean_over_seeds
+
+    runs = [{"method": "lora", "trainable_params": 100, "score_test": 0.5, "sec_per_step": 1.0, "curve": "a"},
+            {"method": "lora", "trainable_params": 100, "score_test": 0.7, "sec_per_step": 3.0, "curve": "b"},
+            {"method": "lora", "trainable_params": 100, "score_test": 0.9, "sec_per_step": 2.0, "curve": "c"}]
+    row = mean_over_seeds(runs)
+    assert row["trainable_params"] == 100 and isinstance(row["trainable_params"], int)
+    assert row["score_test"] == pytest.approx(0.7) and row["score_test seed sd"] == pytest.approx(0.2)
+    assert row["sec_per_step"] == pytest.approx(2.0) and "sec_per_step seed sd" not in row
+    assert row["curve"] == "a" and row["seeds"] == 3 and row["method"] == "lora"
+    assert mean_over_seeds(runs[:1])["score_test seed sd"] == 0.0
+
+
 def test_training_memory_guidance_uses_lab4_estimator_and_picks_the_best_method_that_fits():
     import pandas as pd
 
@@ -139,3 +168,17 @@ def test_the_qlora_setup_check_accepts_the_course_configs_and_names_each_wrong_f
                   "SFTConfig.activation_checkpointing: expected False, got True"):
         assert any(field in f for f in defaults.failures), (field, defaults.failures)
     assert lab1.check_qlora_setup(None, ours[1], ours[2], ci_profile).failures == ["expected BitsAndBytesConfig, got NoneType"]
+
+
+def test_describe_methods_shows_the_config_each_method_trains_with():
+    from labhelpers import profiles
+
+    profile = profiles.get("ci").with_(max_steps=40)
+    table = peft_methods.describe_methods(["full", "lora", "qlora", "dora", "adalora", "ia3", "bottleneck"], profile)
+    assert table.loc["lora", "setup"].startswith(f"LoraConfig(r={profile.lora_r}, lora_alpha={profile.lora_alpha},")
+    assert "use_dora=True" in table.loc["dora", "setup"] and "use_dora" not in table.loc["lora", "setup"]
+    assert "total_step=40" in table.loc["adalora", "setup"] and f"target_r={profile.lora_r}" in table.loc["adalora", "setup"]
+    assert "feedforward_modules=['down_proj']" in table.loc["ia3", "setup"]
+    assert table.loc["qlora", "base weights"].startswith("NF4") and table.loc["full", "setup"].startswith("no peft config")
+    assert table.loc["ia3", "learning rate"] == 10 * profile.learning_rate
+    assert table.loc["full", "learning rate"] == profile.full_ft_learning_rate

@@ -20,3 +20,15 @@ def test_runner_with_no_labs_says_so(tmp_path, capsys):
 def test_runner_rejects_unknown_profile(tmp_path):
     with pytest.raises(ValueError, match="valid profiles"):
         runner.main(["--profile", "gpu", "--source", str(tmp_path)])
+
+
+def test_the_summary_counts_each_labs_claims_and_names_those_not_held(tmp_path):
+    from labhelpers.course.runner import LabRun, write_summary
+
+    notebook = tmp_path / "lab" / "lab.ipynb"
+    run = LabRun("lab", notebook, 12.0, {"profile": "ci", "claim_replay_forgets_less": True,
+                                         "claim_ewc_beats_l2_at_0_1": False, "score": 0.5})
+    text = write_summary([run], tmp_path, "ci").read_text()
+    assert "- claims held: 1 of 2 (not held: ewc_beats_l2_at_0_1)" in text
+    plain = write_summary([LabRun("lab", notebook, 1.0, {"score": 0.5})], tmp_path, "ci").read_text()
+    assert "claims held" not in plain

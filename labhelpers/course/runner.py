@@ -195,6 +195,11 @@ def write_summary(runs: list[LabRun], out: Path, profile: str) -> Path:
                   f"- run time: {run.seconds:.0f} s"]
         if run.failure:
             lines += [f"- failed at {run.failure.describe()}"]
+        claims = {k.removeprefix("claim_"): v for k, v in (run.metrics or {}).items() if k.startswith("claim_")}
+        if claims:
+            missed = [k for k, held in claims.items() if not held]
+            lines += [f"- claims held: {len(claims) - len(missed)} of {len(claims)}"
+                      + (f" (not held: {', '.join(missed)})" if missed else "")]
         if run.metrics:
             lines += ["", "| metric | value |", "|---|---|"]
             lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in run.metrics.items()]

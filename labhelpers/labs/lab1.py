@@ -7,6 +7,7 @@ import gc
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -34,7 +35,7 @@ def saved_size_mib(model, adapter_only: bool) -> float:
 
 def compare_methods(methods: list[str], profile: Profile, task: str = "code", adapter_cls=None,
                     bottleneck: int = 16, keep: tuple[str, ...] = (), overrides: dict | None = None,
-                    curves: bool = False):
+                    curves: bool = False, seeds: int = 1):
     """Train every method on the same data with the same step budget and measure it.
 
     Returns a DataFrame, one row per method: trainable parameters (absolute and %), peak memory,
@@ -44,30 +45,85 @@ def compare_methods(methods: list[str], profile: Profile, task: str = "code", ad
     ``{method: (trained model, tokenizer)}`` for those methods: ``(df, kept)``. ``overrides`` go to
     every run's ``SFTConfig`` (e.g. ``{"optim": "adamw_bnb_8bit"}``); ``curves`` adds each run's loss
     curve (a DataFrame) in a ``loss_curve`` column.
+
+    With ``seeds`` > 1 each method trains once per seed (``profile.seed``, ``profile.seed + 1``, ...:
+    the data order and the adapters' initialisation change) and its row holds the mean over the
+    seeds, a ``<score> seed sd`` column (standard deviation across seeds) after each score, and the
+    first seed's loss curve and kept model. ``seeds`` is always a column.
     """
+    if not isinstance(seeds, int) or seeds < 1:
+        raise ValueError(f"seeds must be a positive integer (how many times each method trains), got {seeds!r}")
     train = load_split(task, "train")
     rows, kept = [], {}
     for name in methods:
-        setup = prepare(name, profile, adapter_cls=adapter_cls, bottleneck=bottleneck)
-        tokenizer = setup["tokenizer"]
-        result = train_sft(dataset=train, profile=profile, **setup, **(overrides or {}))
-        row = {"method": name, **result.summary()}
-        if curves:
-            row["loss_curve"] = result.loss_curve
-        for split in (SELECTION_SPLIT, "test", "heldout"):
-            try:
-                scored = evaluate(result.model, tokenizer, task, profile, split)
-            except FileNotFoundError:
-                continue  # only some tasks have a held-out slice
-            row[f"score_{split}"] = float(scored["correct"].mean())
-        row["saved_mib"] = saved_size_mib(result.model, adapter_only=name != "full")
-        rows.append(row)
-        if name in keep:
-            kept[name] = (result.model, tokenizer)
-        del result, setup
-        gc.collect()
+        per_seed = []
+        for i in range(seeds):
+            run_profile = profile.with_(seed=profile.seed + i)
+            setup = prepare(name, run_profile, adapter_cls=adapter_cls, bottleneck=bottleneck)
+            tokenizer = setup["tokenizer"]
+            result = train_sft(dataset=train, profile=run_profile, **setup, **(overrides or {}))
+            row = {"method": name, **result.summary()}
+            if curves:
+                row["loss_curve"] = result.loss_curve
+            for split in (SELECTION_SPLIT, "test", "heldout"):
+                try:
+                    scored = evaluate(result.model, tokenizer, task, run_profile, split)
+                except FileNotFoundError:
+                    continue  # only some tasks have a held-out slice
+                row[f"score_{split}"] = float(scored["correct"].mean())
+            row["saved_mib"] = saved_size_mib(result.model, adapter_only=name != "full")
+            per_seed.append(row)
+            if name in keep and i == 0:
+                kept[name] = (result.model, tokenizer)
+            del result, setup
+            gc.collect()
+        rows.append(mean_over_seeds(per_seed))
     df = pd.DataFrame(rows)
     return (df, kept) if keep else df
+
+
+def mean_over_seeds(runs: list[dict]) -> dict:
+    """One row from the runs of one method with different seeds: numbers averaged (kept as they are
+    when every seed gives the same, like a parameter count), a ``<score> seed sd`` (sample standard
+    deviation, 0 for one seed) after each ``score_*``, anything else (the method's name, a loss curve)
+    from the first run, and ``seeds``."""
+    row: dict = {}
+    for key, first in runs[0].items():
+        values = [run[key] for run in runs]
+        if isinstance(first, (int, float)) and not isinstance(first, bool):
+            row[key] = first if len(set(values)) == 1 else float(np.mean(values))  # counts stay integers
+            if key.startswith("score_"):
+                row[f"{key} seed sd"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+        else:
+            row[key] = first
+    row["seeds"] = len(runs)
+    return row
+
+
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def rank_target_ablation(profile: Profile, ranks=(1, 8), target_sets: dict | None = None,
+                         task: str = "code") -> pd.DataFrame:
+    """LoRA at every rank x set of target modules, each run with the profile's budget and ``alpha / r``
+    held at the profile's ratio (so the rank changes capacity, not the update's scale).
+
+    ``target_sets``: ``{label: module names}``, by default the attention projections alone and the
+    profile's targets (attention and MLP). One row per run: ``targets``, ``rank``, trainable
+    parameters (%), ``score_validation`` (for choosing), ``score_test`` and ``split`` (``validation``,
+    what :func:`labhelpers.evaluation.select_best` reads).
+    """
+    target_sets = target_sets or {"attention": ATTENTION_PROJECTIONS, "attention + MLP": tuple(profile.target_modules)}
+    rows = []
+    for label, targets in target_sets.items():
+        for r in ranks:
+            run = profile.with_(lora_r=r, lora_alpha=profile.lora_alpha / profile.lora_r * r,
+                                target_modules=tuple(targets))
+            result = compare_methods(["lora"], run, task=task).iloc[0]
+            rows.append({"targets": label, "rank": r, "trainable_pct": result["trainable_pct"],
+                         "score_validation": result[f"score_{SELECTION_SPLIT}"], "score_test": result["score_test"],
+                         "split": SELECTION_SPLIT})
+    return pd.DataFrame(rows)
 
 
 def memory_method(peft_method: str) -> str:
@@ -118,9 +174,30 @@ def _plan(comparison, sizes, gpus_gb, seq_len: int) -> dict:
     return {(rec["size"], rec["method"]): rec for rec in table.to_dict("records")}
 
 
+def forward_ms(model, input_ids, repeats: int = 10) -> float:
+    """Median wall time of one forward pass over ``input_ids``, in milliseconds (after two warm-up
+    passes; on CUDA each pass is synchronized)."""
+    import time
+
+    times = []
+    with torch.inference_mode():
+        for i in range(repeats + 2):
+            if input_ids.is_cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            model(input_ids=input_ids)
+            if input_ids.is_cuda:
+                torch.cuda.synchronize()
+            if i >= 2:
+                times.append(1000 * (time.perf_counter() - start))
+    return float(np.median(times))
+
+
 def save_reload_merge(peft_model, profile: Profile, folder) -> dict:
     """Save a trained LoRA model's adapter (safetensors), reload it onto a fresh base, merge it with
-    ``merge_and_unload`` and report the largest logit differences of each step (they should be ~0)."""
+    ``merge_and_unload`` and report the largest logit differences of each step (they should be ~0),
+    and the latency of a forward pass (:func:`forward_ms`, the profile's eval batch of 128 tokens)
+    with the adapter unmerged and merged."""
     from peft import PeftModel
 
     folder = Path(folder)
@@ -129,15 +206,20 @@ def save_reload_merge(peft_model, profile: Profile, folder) -> dict:
     reloaded = PeftModel.from_pretrained(base, folder).eval()
     generator = torch.Generator().manual_seed(profile.seed)
     ids = torch.randint(10, base.config.vocab_size, (4, 24), generator=generator).to(base.device)
+    timed = torch.randint(10, base.config.vocab_size, (min(profile.eval_batch_size, 16), 128),
+                          generator=generator).to(base.device)
     with torch.no_grad():
         trained = peft_model.eval()(input_ids=ids).logits
         after_reload = reloaded(input_ids=ids).logits
+        unmerged_ms = forward_ms(reloaded, timed)
         merged = reloaded.merge_and_unload()
         after_merge = merged(input_ids=ids).logits
+        merged_ms = forward_ms(merged, timed)
     return {"adapter_files": sorted(p.name for p in folder.iterdir()),
             "adapter_mib": files_mib(folder.glob("*.safetensors")),
             "reload_max_abs_diff": (after_reload - trained).abs().max().item(),
             "merge_max_abs_diff": (after_merge - trained).abs().max().item(),
+            "unmerged_forward_ms": unmerged_ms, "merged_forward_ms": merged_ms,
             "merged_model": merged}
 
 

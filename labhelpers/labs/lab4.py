@@ -22,6 +22,7 @@ from labhelpers.memory import (
 )
 from labhelpers.labs.lab1 import compare_methods
 from labhelpers.peft_methods import TrainingMethod, parse_method, prepare
+from labhelpers.profiles import get
 from labhelpers.training import keep_trainable_fp32
 from labhelpers.units import MiB
 
@@ -182,6 +183,41 @@ def measured_vs_estimated(profile, methods=("full", "lora", "qlora", "qlora+gc+8
     return pd.DataFrame(rows)
 
 
+
+def memory_split(profile, methods=("full", "lora", "qlora"), reference: str = "t4") -> pd.DataFrame:
+    """Where one training step's memory goes, by part: measured here on the profile's base model (at its
+    batch size and maximum length), next to the estimate for a real model: the profile's own on a GPU,
+    else the base model of the ``reference`` GPU profile, each at its profile's batch, length, dtype and
+    checkpointing.
+
+    One row per method and source (``measured here``, ``estimated, real model``; ``model`` says which
+    model, batch x length and dtype), MiB: weights, trained state (gradients and optimizer states),
+    activations, temporaries (what the peak holds above those four: the logits and their gradient for
+    every method and, measured on QLoRA, the weights dequantized from 4 bits for each layer's matrix
+    products) and the peak.
+    """
+    real = profile if profile.device.startswith("cuda") else get(reference)
+    real_arch, arch = hub_architecture(real.base_model), profile_architecture(profile)
+    batch = make_batch(arch.vocab, profile.batch_size, profile.max_seq_length, device=profile.device)
+    gc_suffix = "+gc" if real.gradient_checkpointing else ""
+    here = f"{profile.base_model}, {profile.batch_size} x {profile.max_seq_length}, {profile.dtype}"
+    there = (f"{real_arch.name}, {real.batch_size} x {real.max_seq_length}, {real.dtype}"
+             + (", checkpointing" if gc_suffix else ""))
+    rows = []
+    for method in methods:
+        model, optimizer = setup_training(method, profile)
+        measured = measure_training_step(model, batch, optimizer, autocast_dtype=step_precision(profile))
+        del model, optimizer
+        gc.collect()
+        estimated = estimate_for_profile(real, method + gc_suffix, arch=real_arch)
+        for source, setting, step in (("measured here", here, measured), ("estimated, real model", there, estimated)):
+            rows.append({"method": method, "source": source, "model": setting, "weights (MiB)": step.weights / MiB,
+                         "trained state (MiB)": (step.gradients + step.optimizer) / MiB,
+                         "activations (MiB)": step.activations / MiB,
+                         "temporaries (MiB)": max(0, step.peak - step.total) / MiB, "peak (MiB)": step.peak / MiB})
+    return pd.DataFrame(rows).set_index(["method", "source"])
+
+
 def breakdown_grid(profile, methods=("full", "lora", "qlora", "full+gc", "qlora+gc+8bit"),
                    batch_sizes=(4, 16), seq_lens=(64, 160)):
     """Measure one training step of each method at each batch size x sequence length on the profile's
@@ -250,6 +286,23 @@ def optimizer_memory(profile, optimizers=tuple(OPTIMIZERS), method: str = "full"
                      "bytes per trainable parameter": m.optimizer / trainable, "peak (MiB)": m.peak / MiB})
         del model, optimizer
     return pd.DataFrame(rows)
+
+
+def largest_relative_gap(gradients: dict, reference: dict) -> float:
+    """The largest difference between two sets of gradients (same names), each tensor's difference
+    relative to the largest entry of its reference (a tensor of zeros compares absolutely)."""
+    if set(gradients) != set(reference):
+        raise ValueError(f"the two sets of gradients name different tensors: {sorted(set(gradients) ^ set(reference))[:5]}")
+    return max(((gradients[n].float() - reference[n].float()).abs().max()
+                / reference[n].float().abs().max().clamp(min=1e-12)).item() if reference[n].abs().max() > 0
+               else gradients[n].float().abs().max().item() for n in reference)
+
+
+def gradient_tolerance(profile) -> float:
+    """How far two sums of the same gradients may differ through rounding alone (the order of the
+    additions changes the last bits): the trained weights are fp32 in fp32 and fp16 profiles (master
+    weights, :func:`setup_training`), where the gap is about 1e-6, and bf16 in bf16 profiles (about 1e-2)."""
+    return 5e-2 if profile.dtype == "bfloat16" else 1e-3
 
 
 def accumulation_table(profile, effective_batch: int = 32, micro_batches=(32, 16, 8, 4), seq_len: int = 128,

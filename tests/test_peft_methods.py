@@ -66,7 +66,7 @@ def test_compare_methods_measures_every_column(ci_profile):
     df = compare_methods(["full", "lora", "bottleneck"], profile, adapter_cls=BottleneckAdapter, bottleneck=8)
     assert list(df["method"]) == ["full", "lora", "bottleneck"]
     for column in ("trainable_params", "trainable_pct", "peak_mib", "sec_per_step", "final_train_loss",
-                   "score_validation", "score_test", "score_heldout", "saved_mib"):
+                   "score_validation", "score_test", "score_heldout", "saved_mib", "forward_ms"):
         assert df[column].notna().all(), column
     full, lora, adapter = df.to_dict("records")
     assert full["trainable_pct"] == 100 and lora["trainable_pct"] < 5
@@ -99,6 +99,57 @@ def test_mean_over_seeds_averages_numbers_and_keeps_the_rest_from_the_first_seed
     assert row["sec_per_step"] == pytest.approx(2.0) and "sec_per_step seed sd" not in row
     assert row["curve"] == "a" and row["seeds"] == 3 and row["method"] == "lora"
     assert mean_over_seeds(runs[:1])["score_test seed sd"] == 0.0
+
+
+def test_the_ablation_trains_every_rank_and_target_set_on_the_same_examples_capped_by_the_profile(monkeypatch):
+    import pandas as pd
+
+    from labhelpers import profiles
+    from labhelpers.labs import lab1
+
+    seen = []
+
+    def fake_compare(methods, profile, task="code", splits=()):
+        seen.append(profile)
+        return pd.DataFrame([{"trainable_pct": profile.lora_r / 10, "score_validation": 0.5, "score_test": 0.4}])
+
+    monkeypatch.setattr(lab1, "compare_methods", fake_compare)
+    ci = profiles.get("ci")
+    table = lab1.rank_target_ablation(ci, ranks=(1, 8), examples=264)
+    assert table[["targets", "rank"]].values.tolist() == [["attention", 1], ["attention", 8],
+                                                          ["attention + MLP", 1], ["attention + MLP", 8]]
+    assert {p.max_steps for p in seen} == {264 // ci.batch_size}
+    assert [p.lora_alpha / p.lora_r for p in seen] == [ci.lora_alpha / ci.lora_r] * 4  # alpha / r held
+    assert seen[0].target_modules == lab1.ATTENTION_PROJECTIONS and seen[2].target_modules == ci.target_modules
+    assert (table["split"] == "validation").all()
+    seen.clear()
+    lab1.rank_target_ablation(ci.with_(max_steps=2), ranks=(1,))
+    assert {p.max_steps for p in seen} == {2}  # never more than the profile's own budget (rehearsals run 2)
+
+
+def test_the_decision_table_keeps_methods_as_good_as_the_best_and_picks_each_use_cases_best():
+    import pandas as pd
+
+    from labhelpers.labs import lab1
+
+    comparison = pd.DataFrame([
+        {"method": "full", "score_validation": 0.95, "score_test": 0.1, "sec_per_step": 0.05, "trainable_pct": 100.0,
+         "saved_mib": 4.0, "forward_ms": 40.0},
+        {"method": "lora", "score_validation": 0.92, "score_test": 0.2, "sec_per_step": 0.06, "trainable_pct": 4.0,
+         "saved_mib": 0.2, "forward_ms": 50.0},
+        {"method": "ia3", "score_validation": 0.40, "score_test": 0.99, "sec_per_step": 0.01, "trainable_pct": 0.3,
+         "saved_mib": 0.01, "forward_ms": 41.0}])
+    estimates = pd.DataFrame({"7B (GB)": [80.0, 20.0, 19.0]}, index=pd.Index(["full", "lora", "ia3"], name="method"))
+    table = lab1.decision_table(comparison, n_validation=100, estimates=estimates).set_index("for")
+    # ia3 is far below the best on validation (its test score, the best, is never read): never a candidate
+    assert (table["candidates"] == "full, lora").all()
+    assert table.loc["the best answers", "method"] == "full" and table.loc["the best answers", "next best"] == "lora"
+    assert table.loc["training on the smallest GPU", "method"] == "lora"
+    assert table.loc["the fastest training", "method"] == "full"
+    assert table.loc["one small file per task", "method"] == "lora" and table.loc["one small file per task", "value"] == 0.2
+    assert table.loc["serving without merging", "method"] == "full"
+    without_estimates = lab1.decision_table(comparison, n_validation=100)
+    assert "training on the smallest GPU" not in set(without_estimates["for"])
 
 
 def test_training_memory_guidance_uses_lab4_estimator_and_picks_the_best_method_that_fits():

@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 
 from labhelpers.adapters import adapter_state_dict, save_adapters
-from labhelpers.evaluation import SELECTION_SPLIT, evaluate, select_best
+from labhelpers.evaluation import SELECTION_SPLIT, distinguishable, evaluate, select_best
 from labhelpers.memory import plan_grid
 from labhelpers.models import load_model, quantization_config
 from labhelpers.peft_methods import get_method, peft_config, prepare
@@ -35,16 +35,17 @@ def saved_size_mib(model, adapter_only: bool) -> float:
 
 def compare_methods(methods: list[str], profile: Profile, task: str = "code", adapter_cls=None,
                     bottleneck: int = 16, keep: tuple[str, ...] = (), overrides: dict | None = None,
-                    curves: bool = False, seeds: int = 1):
+                    curves: bool = False, seeds: int = 1, splits=(SELECTION_SPLIT, "test", "heldout")):
     """Train every method on the same data with the same step budget and measure it.
 
     Returns a DataFrame, one row per method: trainable parameters (absolute and %), peak memory,
     seconds per step, final training loss, score on the validation split (what a choice between the
     methods may read, :func:`gpu_guidance`), on the test split and on the held-out slice (where the
-    task has one), and the size of what must be saved. With ``keep``, also returns
+    task has one), the size of what must be saved and the latency of a forward pass with the method's
+    adapters in place (``forward_ms``, :func:`forward_ms`). With ``keep``, also returns
     ``{method: (trained model, tokenizer)}`` for those methods: ``(df, kept)``. ``overrides`` go to
     every run's ``SFTConfig`` (e.g. ``{"optim": "adamw_bnb_8bit"}``); ``curves`` adds each run's loss
-    curve (a DataFrame) in a ``loss_curve`` column.
+    curve (a DataFrame) in a ``loss_curve`` column; ``splits`` are the splits scored.
 
     With ``seeds`` > 1 each method trains once per seed (``profile.seed``, ``profile.seed + 1``, ...:
     the data order and the adapters' initialisation change) and its row holds the mean over the
@@ -65,13 +66,14 @@ def compare_methods(methods: list[str], profile: Profile, task: str = "code", ad
             row = {"method": name, **result.summary()}
             if curves:
                 row["loss_curve"] = result.loss_curve
-            for split in (SELECTION_SPLIT, "test", "heldout"):
+            for split in splits:
                 try:
                     scored = evaluate(result.model, tokenizer, task, run_profile, split)
                 except FileNotFoundError:
                     continue  # only some tasks have a held-out slice
                 row[f"score_{split}"] = float(scored["correct"].mean())
             row["saved_mib"] = saved_size_mib(result.model, adapter_only=name != "full")
+            row["forward_ms"] = forward_ms(result.model, inference_batch(result.model, run_profile))
             per_seed.append(row)
             if name in keep and i == 0:
                 kept[name] = (result.model, tokenizer)
@@ -104,9 +106,11 @@ ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 def rank_target_ablation(profile: Profile, ranks=(1, 8), target_sets: dict | None = None,
-                         task: str = "code") -> pd.DataFrame:
-    """LoRA at every rank x set of target modules, each run with the profile's budget and ``alpha / r``
-    held at the profile's ratio (so the rank changes capacity, not the update's scale).
+                         task: str = "code", examples: int = 264) -> pd.DataFrame:
+    """LoRA at every rank x set of target modules, each run trained on about ``examples`` examples (the
+    same short budget in every profile, where the knobs still show: a larger one brings every setting
+    of the small model to the ceiling; never more than the profile's ``max_steps``) with ``alpha / r`` held at the profile's ratio (so the rank
+    changes capacity, not the update's scale).
 
     ``target_sets``: ``{label: module names}``, by default the attention projections alone and the
     profile's targets (attention and MLP). One row per run: ``targets``, ``rank``, trainable
@@ -114,12 +118,13 @@ def rank_target_ablation(profile: Profile, ranks=(1, 8), target_sets: dict | Non
     what :func:`labhelpers.evaluation.select_best` reads).
     """
     target_sets = target_sets or {"attention": ATTENTION_PROJECTIONS, "attention + MLP": tuple(profile.target_modules)}
+    steps = min(profile.max_steps, max(2, examples // (profile.batch_size * profile.gradient_accumulation_steps)))
     rows = []
     for label, targets in target_sets.items():
         for r in ranks:
             run = profile.with_(lora_r=r, lora_alpha=profile.lora_alpha / profile.lora_r * r,
-                                target_modules=tuple(targets))
-            result = compare_methods(["lora"], run, task=task).iloc[0]
+                                target_modules=tuple(targets), max_steps=steps)
+            result = compare_methods(["lora"], run, task=task, splits=(SELECTION_SPLIT, "test")).iloc[0]
             rows.append({"targets": label, "rank": r, "trainable_pct": result["trainable_pct"],
                          "score_validation": result[f"score_{SELECTION_SPLIT}"], "score_test": result["score_test"],
                          "split": SELECTION_SPLIT})
@@ -143,6 +148,43 @@ def memory_estimates(comparison, sizes=("1B", "3B", "7B", "13B"), seq_len: int =
     grid = _plan(comparison, sizes, (80,), seq_len)
     return pd.DataFrame({f"{size} (GB)": [grid[(size, memory_method(m))]["peak (GB)"] for m in comparison["method"]]
                          for size in sizes}, index=comparison["method"]).round(1)
+
+
+# (use case, column of the comparison, lower is better, what the column measures)
+USE_CASES = (
+    ("the best answers", f"score_{SELECTION_SPLIT}", False, f"pass@1 ({SELECTION_SPLIT})"),
+    ("training on the smallest GPU", "7B (GB)", True, "estimated training peak of a 7B model (GB)"),
+    ("the fastest training", "sec_per_step", True, "seconds per training step (measured)"),
+    ("the fewest trained parameters", "trainable_pct", True, "trainable parameters (%)"),
+    ("one small file per task", "saved_mib", True, "saved size (MiB)"),
+    ("serving without merging", "forward_ms", True, "forward pass with the adapter in place (ms)"),
+)
+
+
+def decision_table(comparison: pd.DataFrame, n_validation: int, estimates: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Which method for which use case, decided from the measured trade-offs.
+
+    Quality comes first: the candidates are the methods whose validation pass@1 is not below the best
+    one's beyond the 95% intervals (:func:`labhelpers.evaluation.distinguishable`, ``n_validation``
+    examples); among them each use case takes the best value of its own measure (:data:`USE_CASES`;
+    ``estimates``, from :func:`memory_estimates`, supplies the 7B column). The test split is not read.
+    """
+    table = comparison.set_index("method")
+    if estimates is not None:
+        table = table.join(estimates)
+    scores = table[f"score_{SELECTION_SPLIT}"]
+    best = scores.max()
+    candidates = [m for m in table.index
+                  if not (scores[m] < best and distinguishable(scores[m], best, n_validation, n_validation))]
+    rows = []
+    for use, column, lower, measure in USE_CASES:
+        if column not in table.columns:
+            continue
+        pool = table.loc[candidates, column].sort_values(ascending=lower, kind="stable")
+        rows.append({"for": use, "measured by": measure, "method": pool.index[0], "value": float(pool.iloc[0]),
+                     "next best": pool.index[1] if len(pool) > 1 else "", f"pass@1 ({SELECTION_SPLIT})": scores[pool.index[0]],
+                     "candidates": ", ".join(candidates)})
+    return pd.DataFrame(rows)
 
 
 def gpu_guidance(comparison, sizes=("1B", "3B", "7B", "13B"), gpus_gb=(8, 12, 16, 24), seq_len: int = 1024):
@@ -174,7 +216,15 @@ def _plan(comparison, sizes, gpus_gb, seq_len: int) -> dict:
     return {(rec["size"], rec["method"]): rec for rec in table.to_dict("records")}
 
 
-def forward_ms(model, input_ids, repeats: int = 10) -> float:
+def inference_batch(model, profile: Profile, batch_size: int = 4, seq_len: int = 64) -> torch.Tensor:
+    """Random token ids, ``batch_size`` x ``seq_len``, on the model's device: what :func:`forward_ms`
+    times (small, so that a 150k-token vocabulary's logits stay cheap on a CPU)."""
+    generator = torch.Generator().manual_seed(profile.seed)
+    shape = (batch_size, seq_len)
+    return torch.randint(10, model.config.vocab_size, shape, generator=generator).to(model.device)
+
+
+def forward_ms(model, input_ids, repeats: int = 7) -> float:
     """Median wall time of one forward pass over ``input_ids``, in milliseconds (after two warm-up
     passes; on CUDA each pass is synchronized)."""
     import time
@@ -196,8 +246,8 @@ def forward_ms(model, input_ids, repeats: int = 10) -> float:
 def save_reload_merge(peft_model, profile: Profile, folder) -> dict:
     """Save a trained LoRA model's adapter (safetensors), reload it onto a fresh base, merge it with
     ``merge_and_unload`` and report the largest logit differences of each step (they should be ~0),
-    and the latency of a forward pass (:func:`forward_ms`, the profile's eval batch of 128 tokens)
-    with the adapter unmerged and merged."""
+    and the latency of a forward pass (:func:`forward_ms` on :func:`inference_batch`) with the adapter
+    unmerged and merged."""
     from peft import PeftModel
 
     folder = Path(folder)
@@ -206,8 +256,7 @@ def save_reload_merge(peft_model, profile: Profile, folder) -> dict:
     reloaded = PeftModel.from_pretrained(base, folder).eval()
     generator = torch.Generator().manual_seed(profile.seed)
     ids = torch.randint(10, base.config.vocab_size, (4, 24), generator=generator).to(base.device)
-    timed = torch.randint(10, base.config.vocab_size, (min(profile.eval_batch_size, 16), 128),
-                          generator=generator).to(base.device)
+    timed = inference_batch(base, profile)
     with torch.no_grad():
         trained = peft_model.eval()(input_ids=ids).logits
         after_reload = reloaded(input_ids=ids).logits

@@ -329,11 +329,14 @@ def accumulation_table(profile, effective_batch: int = 32, micro_batches=(32, 16
 
 
 def compare_efficiency(profile, methods=("full", "lora", "qlora", "qlora+gc+8bit"), task: str = "code",
-                       steps: int | None = None):
+                       steps: int | None = None, seeds: int = 1):
     """Train each method on ``task`` with the same data and steps, then measure one full-length step.
 
     Returns one row per method: trainable parameters, measured peak of a step at the profile's batch
-    size (halved until it fits the profile's GPU, :func:`grid_sizes`) and maximum length (and its estimate), seconds per training step, final loss and test score.
+    size (halved until it fits the profile's GPU, :func:`grid_sizes`) and maximum length (and its
+    estimate), seconds per training step, final loss and test score; with ``seeds`` > 1 the training
+    runs once per seed and the row holds their means and ``pass@1 seed sd``
+    (:func:`labhelpers.labs.lab1.compare_methods`), with the first seed's loss curve.
     """
     arch = profile_architecture(profile)
     size = grid_sizes(profile, arch)["methods"]
@@ -345,7 +348,7 @@ def compare_efficiency(profile, methods=("full", "lora", "qlora", "qlora+gc+8bit
         run_profile = profile.with_(gradient_checkpointing=m.gradient_checkpointing,
                                     max_steps=steps or profile.max_steps)
         overrides = {"optim": m.optimizer} if m.adam_8bit else {}  # else SFTConfig's default AdamW
-        trained = compare_methods([m.base], run_profile, task=task, overrides=overrides, curves=True)
+        trained = compare_methods([m.base], run_profile, task=task, overrides=overrides, curves=True, seeds=seeds)
         model, optimizer = setup_training(m, profile)
         step = measure_training_step(model, batch, optimizer, autocast_dtype=step_precision(profile))
         est = estimate_for_profile(profile, m, size["batch_size"], size["seq_len"])
@@ -355,7 +358,8 @@ def compare_efficiency(profile, methods=("full", "lora", "qlora", "qlora+gc+8bit
                      "measured peak (MiB)": step.peak / MiB, "estimated peak (MiB)": est.peak / MiB,
                      "weights (MiB)": step.weights / MiB, "optimizer (MiB)": step.optimizer / MiB,
                      "activations (MiB)": step.activations / MiB, "seconds per step": row["sec_per_step"],
-                     "final loss": row["final_train_loss"], "pass@1": row["score_test"]})
+                     "final loss": row["final_train_loss"], "pass@1": row["score_test"],
+                     "pass@1 seed sd": row["score_test seed sd"], "seeds": seeds})
         del model, optimizer, trained
         gc.collect()
     return pd.DataFrame(rows), curves

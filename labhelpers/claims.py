@@ -71,7 +71,7 @@ class Claims:
         """
         if len(scores) != 2:
             raise ValueError(f"claim {key!r}: higher() compares two scores, got {len(scores)}: {list(scores)}")
-        (label_a, a), (label_b, b) = scores.items()
+        a, b = scores.values()
         shown = [f"{label} {s:.2f} [{lo:.2f}, {hi:.2f}]" for label, s in scores.items()
                  for lo, hi in [score_interval(s, n)]]
         apart = distinguishable(a, b, n, n)

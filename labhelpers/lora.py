@@ -41,8 +41,16 @@ def peft_lora_layer(base: nn.Linear, r: int, alpha: float):
     return model.proj
 
 
+class _Check:
+    """What the LoRA and DoRA checks share: a one-column table of every field and the verdict (each
+    check defines ``passed``)."""
+
+    def to_frame(self) -> pd.DataFrame:
+        return pd.DataFrame([asdict(self) | {"passed": self.passed}]).T.rename(columns={0: "value"})
+
+
 @dataclass(frozen=True)
-class LoRACheck:
+class LoRACheck(_Check):
     """Maximum absolute differences between a student's layer and ``peft``'s on the same weights."""
 
     starts_equal_to_base: float
@@ -60,9 +68,6 @@ class LoRACheck:
         diffs = (self.starts_equal_to_base, self.output_vs_peft, self.merged_weight_vs_peft,
                  self.merged_output_vs_unmerged, self.unmerged_weight_vs_original)
         return self.b_initialised_to_zero and self.a_shape_ok and self.b_shape_ok and max(diffs) <= self.atol
-
-    def to_frame(self) -> pd.DataFrame:
-        return pd.DataFrame([asdict(self) | {"passed": self.passed}]).T.rename(columns={0: "value"})
 
 
 @torch.no_grad()
@@ -159,7 +164,7 @@ def peft_dora_layer(base: nn.Linear, r: int, alpha: float):
 
 
 @dataclass(frozen=True)
-class DoRACheck:
+class DoRACheck(_Check):
     """Maximum absolute differences between a student's DoRA layer and ``peft``'s on the same weights.
 
     The gradients are those of one loss through both layers (differences relative to the largest
@@ -182,9 +187,6 @@ class DoRACheck:
         diffs = (self.starts_equal_to_base, self.magnitude_init_vs_peft, self.output_vs_peft,
                  self.grad_magnitude_vs_peft, self.grad_lora_A_vs_peft, self.grad_lora_B_vs_peft)
         return self.base_frozen and self.shapes_ok and max(diffs) <= self.atol
-
-    def to_frame(self) -> pd.DataFrame:
-        return pd.DataFrame([asdict(self) | {"passed": self.passed}]).T.rename(columns={0: "value"})
 
 
 def _relative_diff(a: torch.Tensor | None, b: torch.Tensor | None) -> float:

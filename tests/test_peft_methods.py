@@ -63,7 +63,8 @@ def test_compare_methods_measures_every_column(ci_profile):
     from reference_solutions import BottleneckAdapter
 
     profile = ci_profile.with_(max_steps=3, n_eval=8, eval_batch_size=8)
-    df = compare_methods(["full", "lora", "bottleneck"], profile, adapter_cls=BottleneckAdapter, bottleneck=8)
+    df = compare_methods(["full", "lora", "bottleneck"], profile, adapter_cls=BottleneckAdapter, bottleneck=8,
+                         latency=True)
     assert list(df["method"]) == ["full", "lora", "bottleneck"]
     for column in ("trainable_params", "trainable_pct", "peak_mib", "sec_per_step", "final_train_loss",
                    "score_validation", "score_test", "score_heldout", "saved_mib", "forward_ms"):

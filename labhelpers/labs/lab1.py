@@ -35,14 +35,15 @@ def saved_size_mib(model, adapter_only: bool) -> float:
 
 def compare_methods(methods: list[str], profile: Profile, task: str = "code", adapter_cls=None,
                     bottleneck: int = 16, keep: tuple[str, ...] = (), overrides: dict | None = None,
-                    curves: bool = False, seeds: int = 1, splits=(SELECTION_SPLIT, "test", "heldout")):
+                    curves: bool = False, seeds: int = 1, splits=(SELECTION_SPLIT, "test", "heldout"),
+                    latency: bool = False):
     """Train every method on the same data with the same step budget and measure it.
 
     Returns a DataFrame, one row per method: trainable parameters (absolute and %), peak memory,
     seconds per step, final training loss, score on the validation split (what a choice between the
     methods may read, :func:`gpu_guidance`), on the test split and on the held-out slice (where the
-    task has one), the size of what must be saved and the latency of a forward pass with the method's
-    adapters in place (``forward_ms``, :func:`forward_ms`). With ``keep``, also returns
+    task has one), the size of what must be saved and, with ``latency``, the latency of a forward pass
+    with the method's adapters in place (``forward_ms``, :func:`forward_ms`). With ``keep``, also returns
     ``{method: (trained model, tokenizer)}`` for those methods: ``(df, kept)``. ``overrides`` go to
     every run's ``SFTConfig`` (e.g. ``{"optim": "adamw_bnb_8bit"}``); ``curves`` adds each run's loss
     curve (a DataFrame) in a ``loss_curve`` column; ``splits`` are the splits scored.
@@ -73,7 +74,8 @@ def compare_methods(methods: list[str], profile: Profile, task: str = "code", ad
                     continue  # only some tasks have a held-out slice
                 row[f"score_{split}"] = float(scored["correct"].mean())
             row["saved_mib"] = saved_size_mib(result.model, adapter_only=name != "full")
-            row["forward_ms"] = forward_ms(result.model, inference_batch(result.model, run_profile))
+            if latency:
+                row["forward_ms"] = forward_ms(result.model, inference_batch(result.model, run_profile))
             per_seed.append(row)
             if name in keep and i == 0:
                 kept[name] = (result.model, tokenizer)

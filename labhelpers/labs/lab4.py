@@ -183,7 +183,6 @@ def measured_vs_estimated(profile, methods=("full", "lora", "qlora", "qlora+gc+8
     return pd.DataFrame(rows)
 
 
-
 def memory_split(profile, methods=("full", "lora", "qlora"), reference: str = "t4") -> pd.DataFrame:
     """Where one training step's memory goes, by part: measured here on the profile's base model (at its
     batch size and maximum length), next to the estimate for a real model: the profile's own on a GPU,

@@ -22,6 +22,8 @@ import pandas as pd
 import torch
 from torch import nn
 
+from labhelpers.numerics import relative_difference
+
 
 class _OneLayer(nn.Module):
     def __init__(self, base: nn.Linear) -> None:
@@ -189,14 +191,6 @@ class DoRACheck(_Check):
         return self.base_frozen and self.shapes_ok and max(diffs) <= self.atol
 
 
-def _relative_diff(a: torch.Tensor | None, b: torch.Tensor | None) -> float:
-    """Largest difference, relative to the largest entry of ``b`` when that is above 1 (gradients reach
-    tens, where float32 rounding alone differs by 1e-6)."""
-    if a is None or b is None:
-        return float("inf")  # no gradient reached the parameter
-    return ((a - b).abs().max() / b.abs().max().clamp(min=1.0)).item()
-
-
 def compare_dora_with_peft(layer_cls, in_features: int = 48, out_features: int = 32, r: int = 4,
                            alpha: float = 8.0, seed: int = 0, atol: float = 1e-5) -> DoRACheck:
     """Build ``layer_cls(base, r, alpha)`` and ``peft``'s DoRA layer on one base layer, compare the
@@ -238,7 +232,7 @@ def compare_dora_with_peft(layer_cls, in_features: int = 48, out_features: int =
         starts_equal_to_base=starts_equal,
         magnitude_init_vs_peft=magnitude_init,
         output_vs_peft=(ours_out - theirs_out).abs().max().item(),
-        grad_magnitude_vs_peft=_relative_diff(student.magnitude.grad, ref_magnitude.grad),
-        grad_lora_A_vs_peft=_relative_diff(student.lora_A.grad, reference.lora_A["default"].weight.grad),
-        grad_lora_B_vs_peft=_relative_diff(student.lora_B.grad, reference.lora_B["default"].weight.grad),
+        grad_magnitude_vs_peft=relative_difference(student.magnitude.grad, ref_magnitude.grad, floor=1.0),
+        grad_lora_A_vs_peft=relative_difference(student.lora_A.grad, reference.lora_A["default"].weight.grad, floor=1.0),
+        grad_lora_B_vs_peft=relative_difference(student.lora_B.grad, reference.lora_B["default"].weight.grad, floor=1.0),
         base_frozen=base_frozen, shapes_ok=shapes_ok, atol=atol)

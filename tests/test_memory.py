@@ -304,12 +304,7 @@ def test_package_names_load_lazily_and_match_the_type_checking_imports():
         memory.nonsense
 
 
-def test_largest_relative_gap_compares_gradients_tensor_by_tensor():
-    a = {"w": torch.tensor([1.0, 2.0]), "z": torch.zeros(2)}
-    assert lab4.largest_relative_gap(a, {"w": torch.tensor([1.0, 2.2]), "z": torch.zeros(2)}) == pytest.approx(0.2 / 2.2)
-    assert lab4.largest_relative_gap({"w": a["w"], "z": torch.tensor([0.0, 0.5])}, a) == pytest.approx(0.5)
-    with pytest.raises(ValueError, match="different tensors"):
-        lab4.largest_relative_gap(a, {"w": a["w"]})
+def test_gradient_tolerance_follows_the_trained_weights_dtype():
     assert lab4.gradient_tolerance(profiles.get("ci")) == 1e-3 and lab4.gradient_tolerance(profiles.get("gpu-24gb")) == 5e-2
 
 

@@ -287,16 +287,6 @@ def optimizer_memory(profile, optimizers=tuple(OPTIMIZERS), method: str = "full"
     return pd.DataFrame(rows)
 
 
-def largest_relative_gap(gradients: dict, reference: dict) -> float:
-    """The largest difference between two sets of gradients (same names), each tensor's difference
-    relative to the largest entry of its reference (a tensor of zeros compares absolutely)."""
-    if set(gradients) != set(reference):
-        raise ValueError(f"the two sets of gradients name different tensors: {sorted(set(gradients) ^ set(reference))[:5]}")
-    return max(((gradients[n].float() - reference[n].float()).abs().max()
-                / reference[n].float().abs().max().clamp(min=1e-12)).item() if reference[n].abs().max() > 0
-               else gradients[n].float().abs().max().item() for n in reference)
-
-
 def gradient_tolerance(profile) -> float:
     """How far two sums of the same gradients may differ through rounding alone (the order of the
     additions changes the last bits): the trained weights are fp32 in fp32 and fp16 profiles (master

@@ -18,14 +18,32 @@ def use_style() -> None:
     plt.rcParams.update(STYLE)
 
 
-def loss_curves(curves: Mapping[str, pd.DataFrame], title: str = "Training loss", smooth: int = 5):
-    """One line per run of ``loss`` against ``step`` (rolling mean over ``smooth`` steps)."""
+def loss_curves(curves: Mapping[str, pd.DataFrame], title: str = "Training loss", smooth: int = 5,
+                against: str | None = None):
+    """One line per run of ``loss`` against ``step`` (rolling mean over ``smooth`` steps).
+
+    ``against`` names one of the runs: a second panel then shows every other run's loss minus that
+    one's, step by step (unsmoothed), for runs whose curves lie on top of each other."""
     use_style()
-    fig, ax = plt.subplots()
+    if against is not None and against not in curves:
+        raise KeyError(f"against={against!r} is not one of the runs: {', '.join(curves)}")
+    fig, axes = plt.subplots(1, 2 if against else 1, figsize=(11, 3.8) if against else None, squeeze=False)
+    ax = axes[0][0]
     for name, df in curves.items():
         ax.plot(df["step"], df["loss"].rolling(smooth, min_periods=1).mean(), label=name)
-    ax.set(title=title, xlabel="optimizer step", ylabel="cross-entropy loss (nats/token)")
+    ax.set(title=title if not against else "loss", xlabel="optimizer step", ylabel="cross-entropy loss (nats/token)")
     ax.legend()
+    if against:
+        reference = curves[against].set_index("step")["loss"]
+        diff_ax = axes[0][1]
+        diff_ax.axhline(0, color="black", lw=0.8, label=against)
+        for name, df in curves.items():
+            if name != against:
+                gap = df.set_index("step")["loss"] - reference
+                diff_ax.plot(gap.index, gap.values, label=name)
+        diff_ax.set(title=f"loss minus {against}'s, step by step", xlabel="optimizer step", ylabel="difference (nats/token)")
+        diff_ax.legend()
+        fig.suptitle(title)
     fig.tight_layout()
     return fig
 
@@ -47,30 +65,33 @@ def save(fig, path) -> None:
     fig.savefig(path, bbox_inches="tight")
 
 
-def lines(df: pd.DataFrame, x: str, ys: list[str], title: str, xlabel: str, ylabel: str, logy: bool = False,
+def lines(df: pd.DataFrame, x: str, ys: "list[str] | Mapping[str, str]", title: str, xlabel: str, ylabel: str, logy: bool = False,
           logx: bool = False):
-    """One line per column in ``ys`` against ``x`` (log axes on request)."""
+    """One line per column in ``ys`` against ``x`` (log axes on request). ``ys`` may map each column to
+    the words its legend shows; a single line has no legend (the y label names it)."""
     use_style()
     fig, ax = plt.subplots()
-    for y in ys:
-        ax.plot(df[x], df[y], marker="o", label=y)
+    labels = ys if isinstance(ys, Mapping) else {y: y for y in ys}
+    for y, label in labels.items():
+        ax.plot(df[x], df[y], marker="o", label=label)
     if logy:
         ax.set_yscale("log")
     if logx:
         ax.set_xscale("log")
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
-    ax.legend()
+    if len(labels) > 1:
+        ax.legend()
     fig.tight_layout()
     return fig
 
 
 def bar_grid(df: pd.DataFrame, x: str, panels: Mapping[str, str], title: str):
     """Small multiples: one bar chart per ``{column: title}`` of ``panels`` (the title names the quantity
-    and its unit, in words: the column names stay out of the figure)."""
+    and its unit, in words: the column names stay out of the figure), each bar labelled with its value."""
     use_style()
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4), squeeze=False)
     for ax, (column, label) in zip(axes[0], panels.items()):
-        ax.bar(df[x].astype(str), df[column])
+        ax.bar_label(ax.bar(df[x].astype(str), df[column]), fmt="%.3g", fontsize=8)  # small values stay readable
         ax.set_title(label, fontsize=10)
         plt.setp(ax.get_xticklabels(), rotation=60, ha="right", rotation_mode="anchor")
     fig.suptitle(title)

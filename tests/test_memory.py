@@ -320,3 +320,35 @@ def test_memory_split_puts_the_parts_measured_here_beside_the_real_models_estima
         assert (part["peak (MiB)"] >= part["weights (MiB)"] + part["activations (MiB)"]).all()
     # the real model's weights dwarf this one's: NF4 saves hundreds of MiB there (its fp32 embedding stays)
     assert real.loc["lora", "weights (MiB)"] - real.loc["qlora", "weights (MiB)"] > 200
+
+
+@pytest.fixture(scope="module")
+def mixed_precision_qwen(tmp_path_factory, ci_profile):
+    """A small Qwen2 (the t4 profile's family: GQA, tied embeddings) trained as the t4 profile trains:
+    fp16 weights, fp16 autocast, LoRA dropout, on this CPU."""
+    from dataclasses import replace
+
+    from labhelpers.course import rehearsal
+
+    spec = replace(rehearsal.MODELS[profiles.get("t4").base_model], vocab_size=4096,
+                   shape=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=3,
+                              num_attention_heads=4, num_key_value_heads=2))
+    folder = tmp_path_factory.mktemp("qwen-fp16")
+    tokenizer = rehearsal.build_tokenizer(spec)
+    rehearsal.build_model(spec, tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return profiles.get("t4").with_(base_model=str(folder), device="cpu", batch_size=4, max_seq_length=128, lora_dropout=0.05)
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora", "qlora+gc"])
+def test_estimate_counts_the_copies_mixed_precision_makes(mixed_precision_qwen, method):
+    """Under fp16 autocast with dropout, LoRA saves each target's input twice over (a dropout mask and the
+    16-bit copy A multiplies), and QLoRA's residual stream and MLP are fp32: the estimate's activations
+    match the bytes autograd saved (before these were modelled, QLoRA's estimate was 0.63 of them)."""
+    profile = mixed_precision_qwen
+    arch = memory.profile_architecture(profile)
+    model, optimizer = lab4.setup_training(method, profile)
+    measured = memory.measure_training_step(model, memory.make_batch(arch.vocab, 4, 128), optimizer,
+                                            autocast_dtype=lab4.step_precision(profile))
+    estimated = memory.estimate_for_profile(profile, method)
+    assert estimated.activations == pytest.approx(measured.activations, rel=0.05), (estimated.mib(), measured.mib())

@@ -159,21 +159,24 @@ def test_training_memory_guidance_uses_lab4_estimator_and_picks_the_best_method_
     from labhelpers import memory
     from labhelpers.labs import lab1
 
-    assert [lab1.memory_method(m) for m in ("full", "lora", "qlora", "dora", "ia3", "bottleneck")] == \
+    assert [lab1.memory_method(m, checkpointing=False) for m in ("full", "lora", "qlora", "dora", "ia3", "bottleneck")] == \
         ["full", "lora", "qlora", "lora", "lora", "lora"]
+    assert lab1.memory_method("qlora") == "qlora+gc"  # planned as trained on a consumer GPU
     # test scores in the opposite order: the guidance must follow validation, never test
     comparison = pd.DataFrame([{"method": "full", "trainable_pct": 100.0, "score_validation": 0.9, "score_test": 0.1},
                                {"method": "lora", "trainable_pct": 0.5, "score_validation": 0.8, "score_test": 0.5},
                                {"method": "qlora", "trainable_pct": 0.5, "score_validation": 0.7, "score_test": 0.9}])
     estimates = lab1.memory_estimates(comparison, sizes=("7B",), seq_len=1024)
-    plan = memory.plan("7B", 80, methods=("full", "lora", "qlora"), seq_len=1024).set_index("method")
+    plan = memory.plan("7B", 80, methods=("full+gc", "lora+gc", "qlora+gc"), seq_len=1024).set_index("method")
+    plan.index = plan.index.str.removesuffix("+gc")
     assert estimates["7B (GB)"].to_dict() == pytest.approx(plan["peak (GB)"].round(1).to_dict())
-    table = lab1.gpu_guidance(comparison, sizes=("7B",), gpus_gb=(8, 16, 24, 200), seq_len=1024)
+    gpus = (4, 12, 20, 200)  # none fits; QLoRA only (7B at 1024 tokens, checkpointing); LoRA too; all
+    table = lab1.gpu_guidance(comparison, sizes=("7B",), gpus_gb=gpus, seq_len=1024)
     row = table.iloc[0]
-    fits = {gpu: plan["peak (GB)"] <= 0.9 * gpu for gpu in (8, 16, 24, 200)}
-    assert not fits[8].any() and row["8 GB"] == "none fits"
-    assert fits[16]["qlora"] and not fits[16]["lora"] and row["16 GB"].startswith("qlora")
-    assert fits[24]["lora"] and not fits[24]["full"] and row["24 GB"].startswith("lora")
+    fits = {gpu: plan["peak (GB)"] <= 0.9 * gpu for gpu in gpus}
+    assert not fits[4].any() and row["4 GB"] == "none fits"
+    assert fits[12]["qlora"] and not fits[12]["lora"] and row["12 GB"].startswith("qlora")
+    assert fits[20]["lora"] and not fits[20]["full"] and row["20 GB"].startswith("lora")
     assert row["200 GB"].startswith("full")
     without_validation = comparison.drop(columns="score_validation")
     with pytest.raises(KeyError, match="score_validation"):

@@ -24,8 +24,34 @@ def test_small_multiples_and_heat_maps_show_words_not_column_names():
     df = pd.DataFrame({"method": ["lora", "full"], "score_test": [0.9, 1.0], "peak_mib": [70.0, 105.0]})
     fig = plots.bar_grid(df, "method", {"score_test": "pass@1 (test)", "peak_mib": "peak memory (MiB)"}, "Methods")
     assert [ax.get_title() for ax in fig.axes] == ["pass@1 (test)", "peak memory (MiB)"]
+    assert [t.get_text() for t in fig.axes[0].texts] == ["0.9", "1"]  # each bar carries its value
     one = plots.bar_grid(df, "method", {"score_test": "pass@1 (test)"}, "One panel")  # a single panel works too
     assert one.axes[0].get_title() == "pass@1 (test)"
     rows = pd.DataFrame(np.random.default_rng(0).random((15, 4)), index=[f"merge {i}" for i in range(15)])
     tall = plots.heatmaps({"validation": rows}, "Every merge", "task", "merge")
     assert tall.get_size_inches()[1] >= 0.3 * 15  # a readable row per merge
+
+
+def test_loss_curves_that_overlap_get_a_panel_of_differences():
+    import pandas as pd
+    import pytest
+
+    a = pd.DataFrame({"step": [1, 2, 3], "loss": [3.0, 2.0, 1.5]})
+    b = pd.DataFrame({"step": [1, 2, 3], "loss": [3.0, 2.01, 1.49]})
+    fig = plots.loss_curves({"adamw": a, "8-bit": b}, "Three optimizers", against="adamw")
+    loss_ax, diff_ax = fig.axes
+    assert fig._suptitle.get_text() == "Three optimizers" and "adamw" in diff_ax.get_title()
+    gap = diff_ax.lines[-1].get_ydata()
+    assert list(gap) == pytest.approx([0.0, 0.01, -0.01])
+    with pytest.raises(KeyError, match="not one of the runs"):
+        plots.loss_curves({"adamw": a}, against="sgd")
+
+
+def test_lines_name_their_series_in_words():
+    import pandas as pd
+
+    df = pd.DataFrame({"rank": [1, 2, 4], "trainable_params": [10, 20, 40], "other": [1, 2, 3]})
+    single = plots.lines(df, "rank", ["trainable_params"], "Parameters", "rank r", "trainable parameters (count)")
+    assert single.axes[0].get_legend() is None  # the y label names the one line
+    named = plots.lines(df, "rank", {"trainable_params": "LoRA", "other": "full"}, "Two", "rank r", "count")
+    assert [t.get_text() for t in named.axes[0].get_legend().get_texts()] == ["LoRA", "full"]

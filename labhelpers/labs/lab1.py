@@ -133,19 +133,20 @@ def rank_target_ablation(profile: Profile, ranks=(1, 8), target_sets: dict | Non
     return pd.DataFrame(rows)
 
 
-def memory_method(peft_method: str) -> str:
+def memory_method(peft_method: str, checkpointing: bool = True) -> str:
     """The method Lab 4's estimator knows that has ``peft_method``'s memory: ``full``; ``qlora`` for a
     4-bit base; ``lora`` for every adapter method on a 16-bit base (their adapters, a few percent of
-    the parameters or less, are small next to the frozen weights and the activations)."""
+    the parameters or less, are small next to the frozen weights and the activations). With
+    ``checkpointing`` (``+gc``), as these methods are trained on a consumer GPU: without it QLoRA's
+    fp32 residual stream costs more than its 4-bit weights save (:func:`memory.estimate_training_step`)."""
     method = get_method(peft_method)
-    if method.name == "full":
-        return "full"
-    return "qlora" if method.quantization == "nf4" else "lora"
+    base = "full" if method.name == "full" else "qlora" if method.quantization == "nf4" else "lora"
+    return base + ("+gc" if checkpointing else "")
 
 
 def memory_estimates(comparison, sizes=("1B", "3B", "7B", "13B"), seq_len: int = 1024) -> pd.DataFrame:
-    """Estimated peak GB of one training step (batch 1, ``seq_len`` tokens, bf16, plus the CUDA
-    context) per method (rows) and model size (columns), from Lab 4's estimator (:func:`memory.plan`)
+    """Estimated peak GB of one training step (batch 1, ``seq_len`` tokens, bf16, gradient checkpointing,
+    plus the CUDA context) per method (rows) and model size (columns), from Lab 4's estimator (:func:`memory.plan`)
     on the real architectures of those sizes."""
     grid = _plan(comparison, sizes, (80,), seq_len)
     return pd.DataFrame({f"{size} (GB)": [grid[(size, memory_method(m))]["peak (GB)"] for m in comparison["method"]]

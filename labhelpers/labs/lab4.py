@@ -79,7 +79,7 @@ def step_fits(profile, method: str, batch_size: int, seq_len: int, arch: Archite
 
 
 def _peak_gb(profile, method, batch_size, seq_len, arch=None) -> float:
-    return estimate_for_profile(profile, method, batch_size, seq_len, arch).peak / 1e9 + CUDA_CONTEXT_GB
+    return estimate_for_profile(profile, method, batch_size, seq_len, arch, device="cuda").peak / 1e9 + CUDA_CONTEXT_GB
 
 
 def lab_plan(profile) -> pd.DataFrame:

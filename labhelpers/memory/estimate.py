@@ -12,6 +12,8 @@ from labhelpers.peft_methods import TrainingMethod, parse_method
 
 NF4_BLOCKSIZE, NESTED_BLOCKSIZE, ADAM8_BLOCKSIZE, ADAM8_MIN_SIZE = 64, 256, 256, 4096
 ESTIMATED_METHODS = ("full", "lora", "qlora")  # the PEFT methods whose memory the estimator models
+ATTENTION_INPUTS = ("q_proj", "k_proj", "v_proj")  # the linears that read the input norm's output
+SHARED_INPUTS = (ATTENTION_INPUTS, ("gate_proj", "up_proj"))  # linears that read the same tensor
 
 
 def nf4_bytes(numel: int) -> int:
@@ -40,26 +42,40 @@ def estimate_training_step(arch: "Architecture | str", method: "str | TrainingMe
                            dtype: str = "float32", lora_r: int = 16,
                            lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj",
                                                             "gate_proj", "up_proj", "down_proj"),
-                           lora_dropout: float = 0.0) -> StepMemory:
+                           lora_dropout: float = 0.0, device: str = "cuda") -> StepMemory:
     """Predict the bytes of one training step from the architecture alone.
 
     Weights: parameters in ``dtype`` (full fine-tuning in float16: fp32 master weights; QLoRA: decoder linears in NF4 with double quantization, the
     rest in fp32 as ``prepare_model_for_kbit_training`` leaves them). Gradients and AdamW states:
     for the trainable parameters (all, or the LoRA matrices ``r x in`` and ``out x r`` per target).
 
-    Activations, with ``T = batch_size x seq_len`` tokens, per decoder layer (elements):
+    Activations, with ``T = batch_size x seq_len`` tokens, per decoder layer. Full fine-tuning (elements):
 
-    * two RMSNorms: input and normalized output (the output once more when its weight trains): ``4Th``
-      (``6Th`` for full fine-tuning), plus ``2T`` reciprocal RMS values;
+    * two RMSNorms: input, normalized output and the output once more for the weight's gradient:
+      ``6Th``, plus ``2T`` reciprocal RMS values;
     * attention: queries and output with ``n_heads``, keys and values with ``n_kv_heads`` heads
       (``2T(n + n_kv) d``), the log-sum-exp of the softmax (``T n``);
-    * MLP: gate, SiLU(gate), up and their product: ``4 T i``;
-    * LoRA: the ``r``-dimensional output of each target's ``A`` (``T r`` per target), and with dropout
-      its mask and the dropped input (``T · in`` each).
+    * MLP: gate, SiLU(gate), up and their product: ``4 T i``.
 
-    plus the log-softmax of the logits (``T V``, fp32), the final norm (``3Th + T``, full only), the
-    labels (and input ids when the embedding trains) as int64, and RoPE's cos/sin (``2 s d``).
-    With gradient checkpointing only each layer's input is kept (``L T h``) and one layer's
+    LoRA and QLoRA train only the adapters, and a frozen linear layer saves no input (its weight gets
+    no gradient). What they save, in bytes, with ``a`` the profile's dtype (the autocast dtype of
+    mixed-precision training) and ``s`` the residual stream's (``a`` for LoRA; fp32 for QLoRA, whose
+    norms ``prepare_model_for_kbit_training`` leaves in fp32 and whose 4-bit layers return their
+    input's dtype):
+
+    * each RMSNorm its input upcast to fp32 (``4Th``) and ``T`` reciprocal RMS values;
+    * attention as above, in ``a``;
+    * MLP: gate, up and SiLU(gate), ``3Ti`` in ``s`` (the product feeds a frozen ``down_proj``);
+    * each target: the input of ``A`` (``T · in``, cast by peft to the fp32 adapter and back to ``a`` by
+      autocast; in fp32 without dropout there is no copy: the query, key and value projections share
+      one, as do gate and up, and the output projection's is the attention output) and of ``B`` (``T r``); with dropout its mask, one byte per element on CUDA (bool),
+      four on a CPU (fp32 noise): ``device``. The first layer's input norm saves nothing (no gradient
+      reaches the frozen embedding), nor do the dropout masks of its query, key and value projections.
+
+    plus the log-softmax of the logits (``T V``, fp32), the final norm, the labels (and input ids when
+    the embedding trains) as int64, RoPE's cos/sin (``2 s d``) and, in 16 bits, autocast's copies of
+    the fp32 adapters and, for QLoRA, of the fp32 output embedding (``V h a``).
+    With gradient checkpointing only each layer's input is kept (``L T h``, in ``s``) and one layer's
     activations are recomputed at a time during backward.
 
     ``peak`` adds what is alive but not saved: the logits the forward pass returns and their
@@ -101,23 +117,41 @@ def estimate_training_step(arch: "Architecture | str", method: "str | TrainingMe
 
     T, s, h, i, d = batch_size * seq_len, seq_len, arch.hidden, arch.intermediate, arch.head_dim
     full = m.base == "full"
-    per_layer = T * ((6 if full else 4) * h + 2 * (arch.heads + arch.kv_heads) * d + 4 * i) * a
-    per_layer += T * (2 + arch.heads) * 4  # reciprocal RMS and log-sum-exp stay fp32
-    lora_per_layer = sum(T * lora_r * count for k, _, _, count in targets) // arch.layers * 4
-    if lora_dropout > 0:
-        lora_per_layer += sum(T * inp * (a + 1) * count for k, inp, _, count in targets) // arch.layers
-    layer = per_layer + lora_per_layer
-    head = T * arch.vocab * 4 + 8 * T + (T * (3 * h * a + 4) + 8 * T if full else 0) + 2 * s * d * 4
+    attention = T * 2 * (arch.heads + arch.kv_heads) * d * a + T * (2 + arch.heads) * 4  # + rstd, log-sum-exp
     logits = T * arch.vocab * 4
+    rope = 2 * s * d * 4
+    if full:
+        stream = a
+        layer = T * (6 * h + 4 * i) * a + attention
+        head = logits + 8 * T + T * (3 * h * a + 4) + 8 * T + rope
+        edge_correction = 0
+    else:
+        stream = 4 if m.base == "qlora" else a
+        mask = (1 if device.startswith("cuda") else 4) if lora_dropout > 0 else 0
+        inputs = {k: inp * count for k, inp, _, count in targets}  # elements of A's input, per target
+        if a == 4 and not mask:  # no cast and no dropout: targets that read the same tensor save it once
+            for group in SHARED_INPUTS:
+                for k in [k for k in group if k in inputs][1:]:
+                    inputs[k] = 0
+            inputs.pop("o_proj", None)  # the attention's output, which attention saves already
+        adapters = (T * (a + mask) * sum(inputs.values())
+                    + sum(T * lora_r * a * count for *_, count in targets)) // arch.layers
+        layer = T * 2 * h * 4 + attention + 3 * T * i * stream + adapters
+        # autocast's 16-bit copies of fp32 weights, made once per forward: the adapters, and QLoRA's embedding
+        autocast_copies = (lora_params + (arch.vocab * h if m.base == "qlora" else 0)) * a if a < 4 else 0
+        head = logits + 8 * T + rope + autocast_copies
+        # without checkpointing the final norm saves its input (with it, that is the last kept tensor),
+        # and the first layer's input norm and its q, k, v dropout masks save nothing
+        edge_correction = -sum(T * inp * mask for k, inp, _, _ in targets if k in ATTENTION_INPUTS)
     if m.gradient_checkpointing:
-        # each layer's input (and, with a frozen embedding, the embedding output made to require grad)
-        kept = (arch.layers + (0 if full else 1)) * T * h * a + head
+        # each layer's input (the first is the embedding's output, made to require grad when it is frozen)
+        kept = arch.layers * T * h * stream + head
         activations = kept
         # backward through the layers: the head's tensors are gone, one layer is recomputed, the
         # gradients and the hidden states' gradient (x2 while it flows through the residual) are held
-        through_layers = kept - head + layer + grads + 2 * T * h * a
+        through_layers = kept - head + layer + grads + 2 * T * h * stream
     else:
-        activations = arch.layers * layer + head
+        activations = arch.layers * layer + head + edge_correction
         through_layers = 0
     # start of backward: everything saved, plus the logits the forward returned and their gradient
     peak = weights + optimizer + max(activations + 2 * logits, through_layers)
@@ -128,13 +162,15 @@ def estimate_training_step(arch: "Architecture | str", method: "str | TrainingMe
 
 
 def estimate_for_profile(profile, method: "str | TrainingMethod", batch_size: int | None = None,
-                         seq_len: int | None = None, arch: Architecture | None = None) -> StepMemory:
+                         seq_len: int | None = None, arch: Architecture | None = None,
+                         device: str | None = None) -> StepMemory:
     """:func:`estimate_training_step` for the profile's base model (or ``arch``), dtype and LoRA
     settings (rank, targets, dropout), at ``batch_size`` x ``seq_len`` (default: the profile's batch
-    and maximum length)."""
+    and maximum length), on ``device`` (default: the profile's)."""
     return estimate_training_step(arch or profile_architecture(profile), method, batch_size or profile.batch_size,
                                   seq_len or profile.max_seq_length, dtype=profile.dtype, lora_r=profile.lora_r,
-                                  lora_targets=profile.target_modules, lora_dropout=profile.lora_dropout)
+                                  lora_targets=profile.target_modules, lora_dropout=profile.lora_dropout,
+                                  device=device or profile.device)
 
 
 ZERO_STAGES = {0: "DDP (no sharding)", 1: "ZeRO-1: optimizer states", 2: "ZeRO-2 / FSDP SHARD_GRAD_OP: + gradients",

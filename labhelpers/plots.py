@@ -11,6 +11,7 @@ import pandas as pd
 
 STYLE = {"figure.figsize": (6.4, 3.6), "figure.dpi": 110, "axes.grid": True, "grid.alpha": 0.3,
          "axes.spines.top": False, "axes.spines.right": False, "font.size": 10}
+MANY_BARS = 12  # beyond this many bars, :func:`bars` draws them horizontally
 
 
 def use_style() -> None:
@@ -29,18 +30,22 @@ def loss_curves(curves: Mapping[str, pd.DataFrame], title: str = "Training loss"
         raise KeyError(f"against={against!r} is not one of the runs: {', '.join(curves)}")
     fig, axes = plt.subplots(1, 2 if against else 1, figsize=(11, 3.8) if against else None, squeeze=False)
     ax = axes[0][0]
+    # one colour per run in both panels, and a dash pattern per run so that lines on top of each other all show
+    colors = dict(zip(curves, plt.rcParams["axes.prop_cycle"].by_key()["color"] * len(curves)))
+    dashes = dict(zip(curves, ["-", "--", ":", "-."] * len(curves)))
     for name, df in curves.items():
-        ax.plot(df["step"], df["loss"].rolling(smooth, min_periods=1).mean(), label=name)
+        ax.plot(df["step"], df["loss"].rolling(smooth, min_periods=1).mean(), label=name, color=colors[name],
+                linestyle=dashes[name])
     ax.set(title=title if not against else "loss", xlabel="optimizer step", ylabel="cross-entropy loss (nats/token)")
     ax.legend()
     if against:
         reference = curves[against].set_index("step")["loss"]
         diff_ax = axes[0][1]
-        diff_ax.axhline(0, color="black", lw=0.8, label=against)
+        diff_ax.axhline(0, color=colors[against], lw=1, label=against)
         for name, df in curves.items():
             if name != against:
                 gap = df.set_index("step")["loss"] - reference
-                diff_ax.plot(gap.index, gap.values, label=name)
+                diff_ax.plot(gap.index, gap.values, label=name, color=colors[name], linestyle=dashes[name])
         diff_ax.set(title=f"loss minus {against}'s, step by step", xlabel="optimizer step", ylabel="difference (nats/token)")
         diff_ax.legend()
         fig.suptitle(title)
@@ -49,12 +54,37 @@ def loss_curves(curves: Mapping[str, pd.DataFrame], title: str = "Training loss"
 
 
 def bars(df: pd.DataFrame, x: str, y: str, title: str, ylabel: str, color: str | None = None):
-    """A bar per row of ``df`` (``x`` labels, ``y`` heights), values printed on the bars."""
+    """A bar per row of ``df`` (``x`` labels, ``y`` heights), values printed on the bars. More than
+    :data:`MANY_BARS` rows are drawn horizontally, one labelled row each, without the values."""
     use_style()
-    fig, ax = plt.subplots()
-    bars_ = ax.bar(df[x].astype(str), df[y], color=color)
-    ax.bar_label(bars_, fmt="%.2f")
-    ax.set(title=title, xlabel=x, ylabel=ylabel)
+    labels = df[x].astype(str)
+    if len(df) > MANY_BARS:
+        fig, ax = plt.subplots(figsize=(7, max(3.0, 0.22 * len(df))))
+        ax.barh(labels, df[y], color=color)
+        ax.invert_yaxis()  # the first row on top
+        ax.set(title=title, xlabel=ylabel, ylabel=x)
+        ax.tick_params(axis="y", labelsize=8)
+    else:
+        fig, ax = plt.subplots()
+        ax.bar_label(ax.bar(labels, df[y], color=color), fmt="%.2f")
+        ax.set(title=title, xlabel=x, ylabel=ylabel)
+    fig.tight_layout()
+    return fig
+
+
+def grouped_bars(df: pd.DataFrame, x: str, ys: Mapping[str, str], title: str, xlabel: str, ylabel: str):
+    """Categories side by side: for each row of ``df`` (``x`` labels), one bar per ``{column: legend}``
+    of ``ys``. For categorical results, where lines between categories would suggest an order."""
+    use_style()
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.6 * len(df) * len(ys)), 4.0))
+    width = 0.8 / len(ys)
+    positions = np.arange(len(df))
+    for k, (column, label) in enumerate(ys.items()):
+        ax.bar(positions + (k - (len(ys) - 1) / 2) * width, df[column], width, label=label)
+    ax.set_xticks(positions, df[x].astype(str))
+    plt.setp(ax.get_xticklabels(), rotation=45, ha="right", rotation_mode="anchor")
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.legend()
     fig.tight_layout()
     return fig
 
@@ -76,8 +106,10 @@ def lines(df: pd.DataFrame, x: str, ys: "list[str] | Mapping[str, str]", title: 
         ax.plot(df[x], df[y], marker="o", label=label)
     if logy:
         ax.set_yscale("log")
-    if logx:
+    if logx:  # a few values over a decade or two: label them, not the powers of ten around them
         ax.set_xscale("log")
+        ax.set_xticks(sorted(df[x].unique()), [f"{v:g}" for v in sorted(df[x].unique())])
+        ax.minorticks_off()
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     if len(labels) > 1:
         ax.legend()
@@ -89,9 +121,11 @@ def bar_grid(df: pd.DataFrame, x: str, panels: Mapping[str, str], title: str):
     """Small multiples: one bar chart per ``{column: title}`` of ``panels`` (the title names the quantity
     and its unit, in words: the column names stay out of the figure), each bar labelled with its value."""
     use_style()
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4), squeeze=False)
+    width = max(3.2, 0.45 * len(df))  # room for each bar's label
+    fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), 3.4), squeeze=False)
     for ax, (column, label) in zip(axes[0], panels.items()):
-        ax.bar_label(ax.bar(df[x].astype(str), df[column]), fmt="%.3g", fontsize=8)  # small values stay readable
+        ax.bar_label(ax.bar(df[x].astype(str), df[column]), fmt="%.2g", fontsize=7)  # small values stay readable
+        ax.margins(y=0.12)  # room for the labels under the panel's title
         ax.set_title(label, fontsize=10)
         plt.setp(ax.get_xticklabels(), rotation=60, ha="right", rotation_mode="anchor")
     fig.suptitle(title)

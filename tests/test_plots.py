@@ -55,3 +55,26 @@ def test_lines_name_their_series_in_words():
     assert single.axes[0].get_legend() is None  # the y label names the one line
     named = plots.lines(df, "rank", {"trainable_params": "LoRA", "other": "full"}, "Two", "rank r", "count")
     assert [t.get_text() for t in named.axes[0].get_legend().get_texts()] == ["LoRA", "full"]
+
+
+def test_a_log_x_axis_labels_the_values_plotted():
+    import pandas as pd
+
+    df = pd.DataFrame({"learning_rate": [0.001, 0.003, 0.009], "tiny": [0.4, 0.7, 0.7]})
+    fig = plots.lines(df, "learning_rate", ["tiny"], "Best score per learning rate", "learning rate", "score", logx=True)
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["0.001", "0.003", "0.009"]
+
+
+def test_many_bars_lie_down_and_categories_stand_side_by_side():
+    import pandas as pd
+
+    many = pd.DataFrame({"tensor": [f"layers.{i}.mlp.up_proj" for i in range(30)], "share": [0.5] * 30})
+    fig = plots.bars(many, "tensor", "share", "Per tensor", "fraction")
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()][:2] == ["layers.0.mlp.up_proj", "layers.1.mlp.up_proj"]
+    assert ax.get_xlabel() == "fraction" and not ax.texts  # no values printed on 30 bars
+    kinds = pd.DataFrame({"kind": ["embed", "norm", "q_proj"], "code": [0.04, 0.005, 0.05], "sql": [0.06, 0.005, 0.05]})
+    fig = plots.grouped_bars(kinds, "kind", {"code": "code expert", "sql": "SQL expert"}, "By kind", "tensor kind", "size")
+    ax = fig.axes[0]
+    assert len(ax.patches) == 6 and [t.get_text() for t in ax.get_xticklabels()] == ["embed", "norm", "q_proj"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["code expert", "SQL expert"] and not ax.lines

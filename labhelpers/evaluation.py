@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
@@ -69,6 +70,24 @@ def with_intervals(table: pd.DataFrame, sizes: dict[str, int]) -> pd.DataFrame:
         out.insert(at, f"{column} 95% low", [lo for lo, _ in bounds])
         out.insert(at + 1, f"{column} 95% high", [hi for _, hi in bounds])
     return out
+
+
+def mean_over_seeds(runs: list[dict], spread: Callable[[str], bool] = lambda key: key.startswith("score_")) -> dict:
+    """One row from the runs of one configuration with different seeds: numbers averaged (kept as they
+    are when every seed gives the same, like a parameter count), a ``<key> seed sd`` (sample standard
+    deviation, 0 for one seed) after each number whose key ``spread`` accepts (default: ``score_*``),
+    anything else (a name, a loss curve) from the first run, and ``seeds``."""
+    row: dict = {}
+    for key, first in runs[0].items():
+        values = [run[key] for run in runs]
+        if isinstance(first, (int, float)) and not isinstance(first, bool):
+            row[key] = first if len(set(values)) == 1 else float(np.mean(values))  # counts stay integers
+            if spread(key):
+                row[f"{key} seed sd"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+        else:
+            row[key] = first
+    row["seeds"] = len(runs)
+    return row
 
 
 def distinguishable(a: float, b: float, n_a: int, n_b: int) -> bool:

@@ -245,3 +245,35 @@ def test_fisher_batches_never_cost_more_than_training(ci_profile):
     assert continual.fisher_batches(ci_profile) == 16  # ci and cpu: the 16 batches the lab always used
     assert continual.fisher_batches(ci_profile.with_(max_steps=6)) == 1
     assert continual.fisher_batches(ci_profile.with_(max_steps=40)) == 10
+
+
+def test_runs_over_seeds_trains_each_seed_and_averages_every_run(monkeypatch):
+    """The comparison is repeated once per seed (profile.seed, +1, ...), every model it yields is
+    scored on test and on validation, and each run's scores are averaged with their spread."""
+    profile = profiles.get("ci").with_(seed=7, seeds=3)
+    scores = {("full FT", 7): 0.9, ("full FT", 8): 0.7, ("full FT", 9): 0.8, ("LoRA", 7): 0.5, ("LoRA", 8): 0.5,
+              ("LoRA", 9): 0.8}
+    seen = []
+
+    def train(p):
+        seen.append(p.seed)
+        yield "full FT", ("full FT", p.seed), pd.DataFrame({"step": [1], "loss": [float(p.seed)]})
+        yield "LoRA", ("LoRA", p.seed), None
+
+    monkeypatch.setattr(lab2, "all_scores", lambda model, tok, p: {"sql": scores[model], "arithmetic": 1 - scores[model],
+                                                                    "heldout_ppl": 2.0})
+    monkeypatch.setattr(lab2, "validation_scores", lambda model, tok, p: {"sql": scores[model] / 2, "arithmetic": 0.5})
+    test, validation, curves = lab2.runs_over_seeds(train, profile, tokenizer=None)
+    assert seen == [7, 8, 9]
+    assert test["full FT"]["sql"] == pytest.approx(0.8) and test["full FT"]["sql seed sd"] == pytest.approx(0.1)
+    assert test["LoRA"]["arithmetic"] == pytest.approx(0.4) and test["LoRA"]["seeds"] == 3
+    assert test["LoRA"]["heldout_ppl"] == 2.0 and "heldout_ppl seed sd" not in test["LoRA"]
+    assert validation["full FT"]["sql"] == pytest.approx(0.4)
+    assert list(curves) == ["full FT"] and curves["full FT"]["loss"].iloc[0] == 7.0  # the first seed's curve
+
+    def uneven(p):
+        yield "full FT", ("full FT", p.seed), None
+        if p.seed == 7:
+            yield "LoRA", ("LoRA", p.seed), None
+    with pytest.raises(ValueError, match="same runs"):
+        lab2.runs_over_seeds(uneven, profile, tokenizer=None)

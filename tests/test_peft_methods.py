@@ -89,7 +89,7 @@ def test_compare_methods_over_seeds_averages_each_method_and_shows_the_seed_spre
 
 
 def test_mean_over_seeds_averages_numbers_and_keeps_the_rest_from_the_first_seed():
-    from labhelpers.labs.lab1 import mean_over_seeds
+    from labhelpers.evaluation import mean_over_seeds
 
     runs = [{"method": "lora", "trainable_params": 100, "score_test": 0.5, "sec_per_step": 1.0, "curve": "a"},
             {"method": "lora", "trainable_params": 100, "score_test": 0.7, "sec_per_step": 3.0, "curve": "b"},
@@ -100,6 +100,8 @@ def test_mean_over_seeds_averages_numbers_and_keeps_the_rest_from_the_first_seed
     assert row["sec_per_step"] == pytest.approx(2.0) and "sec_per_step seed sd" not in row
     assert row["curve"] == "a" and row["seeds"] == 3 and row["method"] == "lora"
     assert mean_over_seeds(runs[:1])["score_test seed sd"] == 0.0
+    chosen = mean_over_seeds(runs, spread=lambda key: key == "sec_per_step")
+    assert chosen["sec_per_step seed sd"] == pytest.approx(1.0) and "score_test seed sd" not in chosen
 
 
 def test_the_ablation_trains_every_rank_and_target_set_on_the_same_examples_capped_by_the_profile(monkeypatch):

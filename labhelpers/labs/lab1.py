@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 
 from labhelpers.adapters import adapter_state_dict, save_adapters
-from labhelpers.evaluation import SELECTION_SPLIT, distinguishable, evaluate, select_best
+from labhelpers.evaluation import SELECTION_SPLIT, distinguishable, evaluate, mean_over_seeds, select_best
 from labhelpers.memory import plan_grid
 from labhelpers.models import load_model, quantization_config
 from labhelpers.peft_methods import get_method, peft_config, prepare
@@ -84,24 +84,6 @@ def compare_methods(methods: list[str], profile: Profile, task: str = "code", ad
         rows.append(mean_over_seeds(per_seed))
     df = pd.DataFrame(rows)
     return (df, kept) if keep else df
-
-
-def mean_over_seeds(runs: list[dict]) -> dict:
-    """One row from the runs of one method with different seeds: numbers averaged (kept as they are
-    when every seed gives the same, like a parameter count), a ``<score> seed sd`` (sample standard
-    deviation, 0 for one seed) after each ``score_*``, anything else (the method's name, a loss curve)
-    from the first run, and ``seeds``."""
-    row: dict = {}
-    for key, first in runs[0].items():
-        values = [run[key] for run in runs]
-        if isinstance(first, (int, float)) and not isinstance(first, bool):
-            row[key] = first if len(set(values)) == 1 else float(np.mean(values))  # counts stay integers
-            if key.startswith("score_"):
-                row[f"{key} seed sd"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-        else:
-            row[key] = first
-    row["seeds"] = len(runs)
-    return row
 
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")

@@ -1,20 +1,56 @@
-"""Lab 2's experiments: full fine-tuning on a sequence of tasks (the accuracy matrix behind
-backward transfer and forgetting, with and without replay) and the LoRA sweep over base models,
-learning rates and ranks."""
+"""Lab 2's experiments: the forgetting mitigations over seeds, full fine-tuning on a sequence of tasks
+(the accuracy matrix behind backward transfer and forgetting, with and without replay) and the LoRA
+sweep over base models, learning rates and ranks."""
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+import gc
+from typing import Callable, Iterable, Sequence
 
 import pandas as pd
 
-from labhelpers.continual import DOMAIN_TASK, replay_mix
-from labhelpers.evaluation import SELECTION_SPLIT, score, select_best
+from labhelpers.continual import DOMAIN_TASK, GENERAL_TASK, all_scores, replay_mix, validation_scores
+from labhelpers.evaluation import SELECTION_SPLIT, mean_over_seeds, score, select_best
 from labhelpers.models import count_parameters, load_model
 from labhelpers.peft_methods import peft_config
 from labhelpers.profiles import Profile
 from labhelpers.tasks import task_rows
 from labhelpers.training import fine_tune
+
+
+Trained = tuple  # (run name, model, loss curve or None): what the training function of a comparison yields
+
+
+def runs_over_seeds(train: Callable[[Profile], Iterable[Trained]], profile: Profile, tokenizer
+                    ) -> tuple[dict[str, dict], dict[str, dict], dict[str, pd.DataFrame]]:
+    """Repeat a comparison once per seed of the profile and average each run's scores over the seeds.
+
+    ``train(seeded_profile)`` trains every run of the comparison with ``seeded_profile.seed``
+    (``profile.seed``, ``+ 1``, ...: ``profile.seeds`` of them) and yields ``(name, model, loss curve
+    or None)``; each model is scored as it comes, on the test split (:func:`continual.all_scores`) and
+    on the validation split (:func:`continual.validation_scores`), and then let go.
+
+    Returns ``(test, validation, curves)``: per run name, the scores averaged over the seeds with a
+    ``<task> seed sd`` beside the domain and general scores (:func:`mean_over_seeds`), and each run's
+    loss curve from the first seed.
+    """
+    test: dict[str, list] = {}
+    validation: dict[str, list] = {}
+    curves: dict[str, pd.DataFrame] = {}
+    for i in range(profile.seeds):
+        for name, model, curve in train(profile.with_(seed=profile.seed + i)):
+            test.setdefault(name, []).append(all_scores(model, tokenizer, profile))
+            validation.setdefault(name, []).append(validation_scores(model, tokenizer, profile))
+            if i == 0 and curve is not None:
+                curves[name] = curve
+            del model
+            gc.collect()
+    if any(len(scores) != profile.seeds for scores in test.values()):
+        raise ValueError("every seed must yield the same runs: "
+                         + ", ".join(f"{name} {len(scores)}x" for name, scores in test.items()))
+    spread = (DOMAIN_TASK, GENERAL_TASK).__contains__
+    return ({name: mean_over_seeds(scores, spread) for name, scores in test.items()},
+            {name: mean_over_seeds(scores, spread) for name, scores in validation.items()}, curves)
 
 
 def continual_sequence(tasks: Sequence[str], profile: Profile, steps: int, replay_fraction: float = 0.0,

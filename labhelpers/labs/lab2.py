@@ -8,6 +8,7 @@ import gc
 from typing import Callable, Iterable, Sequence
 
 import pandas as pd
+from torch import nn
 
 from labhelpers.continual import DOMAIN_TASK, GENERAL_TASK, all_scores, replay_mix, validation_scores
 from labhelpers.evaluation import SELECTION_SPLIT, mean_over_seeds, score, select_best
@@ -18,7 +19,8 @@ from labhelpers.tasks import task_rows
 from labhelpers.training import fine_tune
 
 
-Trained = tuple  # (run name, model, loss curve or None): what the training function of a comparison yields
+#: What the training function of a comparison yields: the run's name, its model and its loss curve (or None).
+Trained = tuple[str, nn.Module, pd.DataFrame | None]
 
 
 def runs_over_seeds(train: Callable[[Profile], Iterable[Trained]], profile: Profile, tokenizer

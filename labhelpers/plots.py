@@ -53,20 +53,24 @@ def loss_curves(curves: Mapping[str, pd.DataFrame], title: str = "Training loss"
     return fig
 
 
-def bars(df: pd.DataFrame, x: str, y: str, title: str, ylabel: str, color: str | None = None):
-    """A bar per row of ``df`` (``x`` labels, ``y`` heights), values printed on the bars. More than
+def bars(df: pd.DataFrame, x: str, y: str, title: str, ylabel: str, color: str | None = None,
+         error: str | None = None):
+    """A bar per row of ``df`` (``x`` labels, ``y`` heights), values printed on the bars; ``error``: a
+    column of half-widths drawn as error bars (e.g. a seed standard deviation). More than
     :data:`MANY_BARS` rows are drawn horizontally, one labelled row each, without the values."""
     use_style()
     labels = df[x].astype(str)
+    spread = None if error is None else df[error]
     if len(df) > MANY_BARS:
         fig, ax = plt.subplots(figsize=(7, max(3.0, 0.22 * len(df))))
-        ax.barh(labels, df[y], color=color)
+        ax.barh(labels, df[y], color=color, xerr=spread, capsize=3)
         ax.invert_yaxis()  # the first row on top
         ax.set(title=title, xlabel=ylabel, ylabel=x)
         ax.tick_params(axis="y", labelsize=8)
     else:
         fig, ax = plt.subplots()
-        ax.bar_label(ax.bar(labels, df[y], color=color), fmt="%.2f")
+        ax.bar_label(ax.bar(labels, df[y], color=color, yerr=spread, capsize=4), fmt="%.2f",
+                     label_type="center" if error else "edge")
         ax.set(title=title, xlabel=x, ylabel=ylabel)
     fig.tight_layout()
     return fig

@@ -122,3 +122,38 @@ def test_intervals_on_a_table_and_distinguishable_scores():
     for bad in ((3, 0), (5, 4), (-1, 4)):
         with pytest.raises(ValueError, match="successes"):
             binomial_interval(*bad)
+
+
+def test_merge_methods_over_seeds_train_each_seed_choose_on_validation_and_average(tmp_path):
+    """Lab 3's comparison over seeds: a seed already run is reused as it is (its table equals the one
+    seed's choice scored on test), every other seed trains its own start and experts, and each method
+    gets the mean over the seeds with its spread and the merge chosen in each seed."""
+    from labhelpers import profiles
+    from labhelpers.labs import lab3
+
+    profile = profiles.get("smoke")
+    tasks = ("sql", "arithmetic")
+    configs = [{"method": "linear", "knob": "w_code", "value": w, "weights": [w, 1 - w]} for w in (0.3, 0.7)]
+    configs += [{"method": "task_arithmetic", "knob": "lam", "lam": lam} for lam in (0.5, 1.0)]
+    base = lab3.local_checkpoint(profile.base_model)
+    code, _ = lab3.train_expert(["code"], profile, tmp_path / "code", 2, start=base)
+    sql, _ = lab3.train_expert(["sql"], profile, tmp_path / "sql", 2, start=base)
+    sweep = lab3.sweep_merges(configs, [code, sql], base, tmp_path / "merges", profile, tasks=tasks)
+    one = lab3.chosen_merges_on_test(sweep, profile, tasks)
+    assert sorted(one["method"]) == ["linear", "task_arithmetic"] and set(one["split"]) == {"test"}
+
+    first = (base, {"code": code, "sql": sql}, sweep)
+    reused = lab3.merge_methods_over_seeds(configs, profile, tmp_path / "seeds", 2, first=first, tasks=tasks)
+    assert not (tmp_path / "seeds").exists()  # nothing trained
+    for label, row in one.iterrows():
+        assert reused.loc[row["method"], "chosen"] == label and reused.loc[row["method"], "seeds"] == 1
+        assert reused.loc[row["method"], "average"] == pytest.approx(row["average"])
+        assert reused.loc[row["method"], "average seed sd"] == 0.0
+
+    two = lab3.merge_methods_over_seeds(configs, profile.with_(seeds=2), tmp_path / "seeds", 2, first=first, tasks=tasks)
+    assert (tmp_path / "seeds" / f"seed{profile.seed + 1}" / "sql_expert").is_dir()
+    assert not (tmp_path / "seeds" / f"seed{profile.seed}").exists()
+    assert (two["seeds"] == 2).all() and all(len(chosen.split(", ")) == 2 for chosen in two["chosen"])
+    for column in ("validation average", "sql", "average", "sql_kept"):
+        assert (two[f"{column} seed sd"] >= 0).all()
+    assert "code_kept" not in two.columns  # code was not scored

@@ -86,6 +86,9 @@ def _lab3(m: dict) -> None:
     # experts tuned from the raw pretrained base do not merge: one skill is lost
     assert m["raw_min_kept"] < 0.8 and m["raw_best_average"] < m["best_average"]
     assert m["max_merge_seconds"] < 5
+    # over the profile's seeds (one in ci: the same experts and sweep), the recommendation is the same merge
+    assert m["seeds"] == 1 and m["recommended_average_seed_sd"] == 0
+    assert m["recommended_average"] == pytest.approx(m["best_average"])
     for combination in ("linear", "ties", "dare_ties"):
         assert m[f"adapter_{combination}_average"] > 0
 
@@ -120,7 +123,7 @@ REPORTED_ONLY = {
     "claim_merged_lora_is_faster": "wall-clock time on a shared CPU",
     "claim_every_method_learns": "AdaLoRA's warm-up and rank pruning leave it near the base in ci's short budget",
 }
-MIN_CLAIMS = {"lab1_peft": 10, "lab2_domain": 10, "lab3_merging": 9, "lab4_memory": 15}
+MIN_CLAIMS = {"lab1_peft": 10, "lab2_domain": 10, "lab3_merging": 10, "lab4_memory": 15}
 
 
 def _claims_hold(lab: str, m: dict) -> None:

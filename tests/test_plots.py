@@ -78,3 +78,14 @@ def test_many_bars_lie_down_and_categories_stand_side_by_side():
     ax = fig.axes[0]
     assert len(ax.patches) == 6 and [t.get_text() for t in ax.get_xticklabels()] == ["embed", "norm", "q_proj"]
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["code expert", "SQL expert"] and not ax.lines
+
+
+def test_bars_draw_the_spread_they_are_given():
+    import pandas as pd
+
+    df = pd.DataFrame({"method": ["ties", "dare"], "average": [0.6, 0.5], "sd": [0.05, 0.1]})
+    ax = plots.bars(df, "method", "average", "Over seeds", "average", error="sd").axes[0]
+    caps = [line for line in ax.lines if len(line.get_xdata()) == 2]  # the error bars' caps
+    assert sorted(round(float(y), 2) for line in caps for y in line.get_ydata()) == [0.4, 0.55, 0.6, 0.65]
+    assert [t.get_text() for t in ax.texts] == ["0.60", "0.50"]
+    assert not plots.bars(df, "method", "average", "One seed", "average").axes[0].lines

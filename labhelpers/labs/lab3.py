@@ -13,8 +13,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from labhelpers.evaluation import SELECTION_SPLIT, scores
-from labhelpers.merging import NEEDS_BASE, Checkpoint, merge_checkpoints
+from labhelpers.evaluation import SELECTION_SPLIT, mean_over_seeds, scores, select_best
+from labhelpers.merging import NEEDS_BASE, Checkpoint, merge_checkpoints, preservation
 from labhelpers.models import load_model, model_source
 from labhelpers.tasks import load_split, task_rows
 from labhelpers.training import fine_tune
@@ -158,3 +158,54 @@ def sweep_merges(configs: Sequence[Mapping], experts: Sequence[str | Path], base
                      **scores, "average": sum(scores.values()) / len(scores), "seconds": report.seconds,
                      "folder": folder, "split": split})
     return pd.DataFrame(rows)
+
+
+def chosen_merges_on_test(sweep: pd.DataFrame, profile, tasks: Sequence[str] = TASKS) -> pd.DataFrame:
+    """Each method's best merge of ``sweep`` (scored on validation by :func:`sweep_merges`), chosen on
+    validation (:func:`~labhelpers.evaluation.select_best`) and then scored once on the test split.
+
+    One row per method, indexed by the chosen merge's ``label``: ``method``, its ``validation average``,
+    each task's test score, ``average`` and ``split`` (``"test"``)."""
+    chosen = select_best(sweep, "average", group="method").set_index("label")
+    table = score_folders(chosen["folder"].to_dict(), profile, tasks, "test")
+    table.insert(0, "validation average", chosen["average"].astype(float))
+    table.insert(0, "method", chosen["method"])
+    return table
+
+
+def merge_methods_over_seeds(configs: Sequence[Mapping], profile, out_root: str | Path, steps: int,
+                             learning_rate: float | None = None, first: tuple | None = None,
+                             tasks: Sequence[str] = TASKS) -> pd.DataFrame:
+    """The merge comparison repeated once per seed of the profile (``profile.seeds`` of them: seed
+    ``profile.seed``, ``+ 1``, ...), so that a method's lead can be told from the luck of one training run.
+
+    With each seed: train the instruction-tuned start (:func:`train_instruct_start`) and the code and SQL
+    experts from it (:func:`train_expert`, ``steps`` each at ``learning_rate``), sweep ``configs`` on
+    validation (:func:`sweep_merges`), score each method's chosen merge on test
+    (:func:`chosen_merges_on_test`) and its retention of each expert's test score on that expert's task
+    (:func:`~labhelpers.merging.preservation`; for the experts' tasks among ``tasks``). ``first = (start, {"code": folder, "sql": folder}, sweep)``
+    reuses a seed already trained and swept with ``profile.seed`` and ``steps``.
+
+    Returns one row per method: each number averaged over the seeds with its ``seed sd`` (test scores,
+    ``average``, ``<task>_kept``, ``validation average``), ``chosen`` (the merge chosen in each seed) and
+    ``seeds``. Choose between the methods on ``validation average``, never on the test columns.
+    """
+    per_method: dict[str, list[dict]] = {}
+    for i in range(profile.seeds):
+        seeded = profile.with_(seed=profile.seed + i)
+        if i == 0 and first is not None:
+            start, experts, sweep = first
+        else:
+            folder = Path(out_root) / f"seed{seeded.seed}"
+            start, _ = train_instruct_start(seeded, folder / "instruct", steps)
+            experts = {task: train_expert([task], seeded, folder / f"{task}_expert", steps, start=start,
+                                          learning_rate=learning_rate)[0] for task in ("code", "sql")}
+            sweep = sweep_merges(configs, list(experts.values()), start, folder / "merges", seeded, tasks)
+        own = {task: score_folder(folder, seeded, [task], "test") for task, folder in experts.items() if task in tasks}
+        table = preservation(chosen_merges_on_test(sweep, seeded, tasks), own).drop(columns="split")
+        for label, row in table.iterrows():
+            per_method.setdefault(row["method"], []).append({"chosen": label, **row.drop("method").to_dict()})
+    rows = {method: mean_over_seeds(runs, spread=lambda key: True) for method, runs in per_method.items()}
+    for method, runs in per_method.items():
+        rows[method]["chosen"] = ", ".join(run["chosen"] for run in runs)
+    return pd.DataFrame(rows).T.infer_objects()

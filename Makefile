@@ -23,7 +23,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 export MPLBACKEND ?= Agg
 
-.PHONY: setup browser data base-model rehearsal-models rehearse labs test bench bench-notebooks gpu-smoke release jupyter check autograde feedback grades clean help
+.PHONY: setup sandbox-tool browser data base-model rehearsal-models rehearse labs test bench bench-notebooks gpu-smoke release jupyter check autograde feedback grades clean help
 
 help:
 	@echo "make labs     run every lab headlessly (PROFILE=auto|ci|cpu|t4|gpu-24gb) into build/"
@@ -44,7 +44,18 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (sftlabs)" >/dev/null
 	@touch $@
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed sandbox-tool
+
+# Generated code runs in bubblewrap's namespaces where the machine has it (labhelpers.sandbox); installed
+# here when this user may (root, or sudo without a password); otherwise the sandbox says it is reduced.
+sandbox-tool:
+	@command -v bwrap >/dev/null && exit 0; \
+	if command -v apt-get >/dev/null && { [ "$$(id -u)" = 0 ] || sudo -n true 2>/dev/null; }; then \
+	  as_root=$$([ "$$(id -u)" = 0 ] || echo "sudo -n"); \
+	  $$as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends bubblewrap >/dev/null 2>&1 || \
+	  { $$as_root apt-get update -qq && $$as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends bubblewrap >/dev/null; } || true; \
+	fi; \
+	command -v bwrap >/dev/null || echo "note: bubblewrap (bwrap) is not installed: generated code runs with reduced containment (README, Sandbox)"
 
 # The browser test drives Debian's Chromium (JupyterLab renders each released lab).
 CHROMIUM ?= /usr/bin/chromium

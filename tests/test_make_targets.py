@@ -211,8 +211,10 @@ def test_make_bench_quick_writes_every_section(tmp_path):
     assert all(v["tokens_per_s"] > 0 for v in results["training"]["contenders"].values())
     assert len(results["merging"]) == 2 and all(r["streaming_peak_rss_mib"] >= 0 for r in results["merging"])
     assert {r["method"] for r in results["memory"]} == {"full", "lora", "qlora", "qlora+gc+8bit"}
+    assert {"bare_python", "sandbox_process_level"} < set(results["sandbox"]["contenders"])
+    assert all(v["ms_per_program"] > 0 for v in results["sandbox"]["contenders"].values())
     text = (repo / "build" / "bench.md").read_text()
-    for heading in ("SFT throughput", "Merging", "NF4 quantization", "Memory"):
+    for heading in ("SFT throughput", "Merging", "NF4 quantization", "Memory", "Sandbox"):
         assert heading in text
 
 

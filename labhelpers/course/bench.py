@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from labhelpers import profiles
+from labhelpers import profiles, sandbox
 from labhelpers import quantization as Q
 from labhelpers.course.runner import run_labs
 from labhelpers.data import tokenize_rows
@@ -236,6 +236,34 @@ def bench_memory(profile) -> list[dict]:
     return lab4.measured_vs_estimated(profile).drop(columns="seconds_per_step").to_dict("records")
 
 
+# ------------------------------------------------------------------------------------------- sandbox
+def bench_sandbox(programs: int = 40, repeats: int = 3) -> dict:
+    """Wall time per generated program (a correct function and two asserts), run one after another: a bare
+    ``python -I -S`` subprocess (no containment, the floor), the sandbox without namespaces, and with the
+    machine's full containment; interleaved, medians over ``repeats``."""
+    code, tests = "def f(x):\n    return x + 1\n", ["assert f(41) == 42", "assert f(-1) == 0"]
+    full = sandbox.isolation()
+    reduced = sandbox.Containment("process", "nobody" if os.geteuid() == 0 else "your user", "no namespaces")
+
+    def bare() -> None:
+        subprocess.run([sys.executable, "-I", "-S", "-c", code + "\n".join(tests)], check=True, capture_output=True)
+
+    contenders = {"bare_python": bare,
+                  "sandbox_process_level": lambda: sandbox.run_python(code, tests, containment=reduced),
+                  f"sandbox_{full.level}_level": lambda: sandbox.run_python(code, tests, containment=full)}
+    timings: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(repeats):
+        for name, run in contenders.items():
+            start = time.perf_counter()
+            for _ in range(programs):
+                run()
+            timings[name].append((time.perf_counter() - start) / programs)
+    out = {name: {"ms_per_program": 1000 * _median(t)} for name, t in timings.items()}
+    for name in out:
+        out[name]["vs_bare"] = out[name]["ms_per_program"] / out["bare_python"]["ms_per_program"]
+    return {"programs": programs, "isolation": full.describe(), "contenders": out}
+
+
 # ----------------------------------------------------------------------------------------- notebooks
 NOTEBOOK_TARGETS_S = {"ci": {"lab2_domain": 480, "default": 300}, "cpu": {"lab2_domain": 1200, "default": 900}}
 
@@ -307,6 +335,13 @@ def write(results: dict, out: Path) -> tuple[Path, Path]:
         lines += [f"| {r['method']} | {r['measured_peak_mib']:.1f} | {r['estimated_peak_mib']:.1f} | {r['estimate_over_measured']:.3f} |"
                   for r in results["memory"]]
         lines.append("")
+    if "sandbox" in results:
+        b = results["sandbox"]
+        lines += ["## Sandbox: wall time per generated program", "",
+                  f"{b['programs']} programs one after another (a function and two asserts). This machine: "
+                  f"{b['isolation']}.", "", "| run | ms per program | vs bare python |", "|---|---|---|"]
+        lines += [f"| {k} | {v['ms_per_program']:.1f} | {v['vs_bare']:.2f}x |" for k, v in b["contenders"].items()]
+        lines.append("")
     if results.get("notebooks"):
         lines += ["## Notebooks (wall time of each lab)", "", "| lab | profile | seconds | target | ok |",
                   "|---|---|---|---|---|"]
@@ -323,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for the test of this script")
-    parser.add_argument("--only", nargs="*", default=["training", "merging", "quantization", "memory", "notebooks"])
+    parser.add_argument("--only", nargs="*",
+                        default=["training", "merging", "quantization", "memory", "sandbox", "notebooks"])
     parser.add_argument("--run-notebooks", nargs="*", default=[], metavar="PROFILE",
                         help="run every lab in these profiles now (e.g. ci cpu) instead of reading the times "
                              "that make labs recorded")
@@ -340,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
         results["quantization"] = bench_quantization((256, 256) if args.quick else (4096, 4096), args.repeats)
     if "memory" in args.only:
         results["memory"] = bench_memory(profile.with_(batch_size=2, max_seq_length=32) if args.quick else profile)
+    if "sandbox" in args.only:
+        results["sandbox"] = bench_sandbox(5 if args.quick else 40, args.repeats)
     if "notebooks" in args.only:
         results["notebooks"] = notebook_timings(run_notebooks(args.run_notebooks, args.out, args.notebook_source)
                                                 if args.run_notebooks else None)

@@ -1,0 +1,154 @@
+"""The containment levels a machine can give generated code, probed once (:func:`isolation`), and the
+command of a run at each: bubblewrap's namespaces and private file system, or a plain process (as
+``nobody`` when we are root)."""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+NOBODY = 65534
+TMPFS_BYTES = 32 << 20  # each private /tmp, /var/tmp and /dev/shm
+WORK_BYTES = 64 << 20   # the private working directory (namespaces: nothing the program writes reaches the disk)
+INPUTS, WORK = "/sandbox/inputs", "/sandbox/work"  # where the run's files and working directory appear inside
+
+
+@dataclass(frozen=True)
+class Containment:
+    """The containment a machine gives generated code (:func:`isolation`).
+
+    ``level``: ``"namespaces"`` (bubblewrap: private read-only file system, no network, own PID
+    namespace) or ``"process"`` (resource limits, the supervisor's sweep and the audit hook only).
+    ``user``: who the program runs as. ``tool``: what provides the namespaces, if anything."""
+
+    level: str
+    user: str
+    tool: str
+
+    def describe(self) -> str:
+        if self.level == "namespaces":
+            return (f"generated code runs contained by the operating system ({self.tool}): no network, its own "
+                    f"processes only, a read-only system and a private working directory, as {self.user}")
+        return (f"REDUCED containment: {self.tool}; generated code runs as {self.user} with resource limits and every "
+                "process killed at the end, but once it disables the in-process audit hook it can read and write "
+                "what that user can and reach the network. Install bubblewrap (`bwrap`) for full containment.")
+
+
+def _system_mounts() -> list[str]:
+    """bwrap arguments for the system directories (read-only; merged-/usr symlinks kept as links)."""
+    args: list[str] = []
+    for path in ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
+        if os.path.islink(path):
+            args += ["--symlink", os.readlink(path), path]
+        elif os.path.isdir(path):
+            args += ["--ro-bind", path, path]
+    return args
+
+
+def _bind(path: str, made: set[str], mode: str = "--ro-bind") -> list[str]:
+    """bwrap arguments that mount ``path`` at the same place, first creating the parents not in ``made``
+    (mode 0755, so that ``nobody`` can reach it even when a parent, like /root, is private outside)."""
+    args: list[str] = []
+    for parent in map(str, reversed(Path(path).parents)):
+        if parent not in made:
+            args += ["--perms", "0755", "--dir", parent]
+            made.add(parent)
+    made.add(path)
+    return args + [mode, path, path]
+
+
+def _interpreter() -> tuple[str, list[str]]:
+    """The real interpreter to run (not a virtual environment's link: ``-I -S`` uses no site-packages)
+    and the folders it needs, beyond the system directories."""
+    exe = os.path.realpath(sys.executable)
+    prefixes = {os.path.realpath(p) for p in (sys.base_prefix, sys.base_exec_prefix, str(Path(exe).parent.parent))}
+    system = ("/usr/", "/bin/", "/lib")
+    return exe, sorted(p for p in prefixes if not (p + "/").startswith(system))
+
+
+def _bwrap_argv(workdir: Path, as_root: bool) -> list[str]:
+    exe, prefixes = _interpreter()
+    args = ["bwrap", "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try",
+            "--die-with-parent", "--new-session"]
+    if not as_root:  # an unprivileged user namespace; your id is shown as nobody inside
+        args += ["--unshare-user", "--disable-userns", "--uid", str(NOBODY), "--gid", str(NOBODY)]
+    args += _system_mounts()
+    made = {"/", "/usr", "/proc", "/dev", "/var", "/tmp", "/var/tmp", "/dev/shm"}
+    for prefix in prefixes:
+        args += _bind(prefix, made)
+    args += ["--proc", "/proc", "--dev", "/dev"]
+    for tmp in ("/tmp", "/var/tmp", "/dev/shm"):
+        args += ["--perms", "01777", "--size", str(TMPFS_BYTES), "--tmpfs", tmp]
+    args += ["--perms", "0755", "--dir", "/sandbox", "--ro-bind", str(workdir), INPUTS,
+             "--perms", "01777", "--size", str(WORK_BYTES), "--tmpfs", WORK, "--chdir", WORK, "--"]
+    if as_root:
+        args += ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--no-new-privs", "--"]
+    return args + [exe, "-I", "-S", f"{INPUTS}/harness.py", INPUTS]
+
+
+def _process_argv(as_nobody: bool) -> list[str]:
+    exe, _ = _interpreter()
+    drop = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--no-new-privs", "--"]
+    return (drop if as_nobody else []) + [exe, "-I", "-S", "harness.py", "."]
+
+
+def command(containment: Containment, workdir: Path) -> list[str]:
+    """The command of a run at this level, its program as an absolute path (the supervisor calls execve)."""
+    as_root = os.geteuid() == 0
+    if containment.level == "namespaces":
+        argv = _bwrap_argv(workdir, as_root)
+    else:
+        argv = _process_argv(as_root and containment.user == "nobody")
+    return [shutil.which(argv[0]) or argv[0], *argv[1:]]
+
+
+_CANDIDATES = (Containment("namespaces", "nobody", "bubblewrap"), Containment("process", "nobody", "no namespaces"),
+               Containment("process", "your user", "no namespaces"))
+
+
+def _works(containment: Containment) -> bool:
+    """Whether a run at this level starts, writes its directory and finds its own standard library."""
+    exe, _ = _interpreter()
+    probe = "import json, math, sys; open('probe', 'w').write('written'); print(sys.prefix)"
+    workdir = Path(tempfile.mkdtemp(prefix="sftlabs-sandbox-"))
+    try:
+        (workdir / "harness.py").write_text(probe)
+        if containment.user == "nobody" and os.geteuid() == 0:
+            os.chown(workdir, NOBODY, NOBODY)
+        run = subprocess.run(command(containment, workdir), cwd=workdir, env=environment(containment, workdir),
+                             capture_output=True, timeout=20)
+        return run.returncode == 0 and run.stdout.decode().strip() == os.path.realpath(sys.base_prefix)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@functools.lru_cache(maxsize=1)
+def isolation() -> Containment:
+    """The best containment this machine gives (probed once per process): ``namespaces`` with
+    bubblewrap where it is installed and namespaces are allowed, else ``process``."""
+    as_root = os.geteuid() == 0
+    for containment in _CANDIDATES:
+        if containment.level == "namespaces" and not shutil.which("bwrap"):
+            continue
+        if containment.user == "nobody" and containment.level == "process" and not (as_root and shutil.which("setpriv")):
+            continue
+        if containment.level == "namespaces" and not as_root:
+            containment = Containment("namespaces", "your user id (shown as nobody)", "bubblewrap")
+        if _works(containment):
+            return containment
+    why = "no bubblewrap (`bwrap`)" if not shutil.which("bwrap") else "bubblewrap cannot create namespaces here"
+    return Containment("process", "your user", why)
+
+
+def environment(containment: Containment, workdir: Path) -> dict[str, str]:
+    """The program's whole environment: no inherited variable, home and temporary files in its directory."""
+    home = WORK if containment.level == "namespaces" else str(workdir)
+    return {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": home, "TMPDIR": home}

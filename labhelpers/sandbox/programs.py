@@ -62,7 +62,7 @@ sys.stdout.flush()
 '''
 
 SUPERVISOR = r'''
-import os, signal, sys
+import os, signal, sys, time
 spec = eval(sys.argv[1], {"__builtins__": {}})  # a literal the evaluator wrote (json costs 8 ms to import)
 subreaper = False
 if spec["subreaper"]:  # every orphan of the run is re-parented to us (Linux; PR_SET_CHILD_SUBREAPER = 36)
@@ -72,6 +72,11 @@ if spec["subreaper"]:  # every orphan of the run is re-parented to us (Linux; PR
     except Exception:
         pass
 signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGCHLD])  # wait for it with a timeout, without polling
+def pause(seconds):
+    if hasattr(signal, "sigtimedwait"):
+        signal.sigtimedwait([signal.SIGCHLD], seconds)
+    else:  # macOS: poll
+        time.sleep(min(seconds, 0.005))
 out = os.open(spec["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
 err = os.open(spec["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
 child = os.fork()
@@ -93,17 +98,17 @@ if child == 0:
 os.close(out)
 os.close(err)
 returncode, timed_out = None, False
-deadline = __import__("time").monotonic() + spec["timeout_s"]
+deadline = time.monotonic() + spec["timeout_s"]
 while returncode is None:
     pid, status = os.waitpid(child, os.WNOHANG)
     if pid:
         returncode = os.waitstatus_to_exitcode(status)
         break
-    left = deadline - __import__("time").monotonic()
+    left = deadline - time.monotonic()
     if left <= 0:
         timed_out = True
         break
-    signal.sigtimedwait([signal.SIGCHLD], min(left, 0.5))
+    pause(min(left, 0.5))
 def children():
     # Our children: (pid, alive) for each (a zombie has exited and only waits to be reaped)
     me, found = os.getpid(), []
@@ -141,7 +146,7 @@ while True:  # kill and reap until no process of the run is left
     except ChildProcessError:
         break
     if pid == 0:  # a child not yet seen (re-parented a moment ago): scan again
-        signal.sigtimedwait([signal.SIGCHLD], 0.005)
+        pause(0.005)
         continue
     if pid == child:
         returncode = os.waitstatus_to_exitcode(status)

@@ -57,7 +57,7 @@ def _bind(path: str, made: set[str], mode: str = "--ro-bind") -> list[str]:
     args: list[str] = []
     for parent in map(str, reversed(Path(path).parents)):
         if parent not in made:
-            args += ["--perms", "0755", "--dir", parent]
+            args += ["--perms", "0755", "--dir", parent] if "--perms" in _bwrap_options() else ["--dir", parent]
             made.add(parent)
     made.add(path)
     return args + [mode, path, path]
@@ -72,21 +72,39 @@ def _interpreter() -> tuple[str, list[str]]:
     return exe, sorted(p for p in prefixes if not (p + "/").startswith(system))
 
 
+@functools.lru_cache(maxsize=1)
+def _bwrap_options() -> frozenset[str]:
+    """The options this bubblewrap knows (``--size`` and ``--perms`` came in 0.5-0.6, ``--disable-userns``
+    in 0.8): an older one still contains, with what it has."""
+    try:
+        text = subprocess.run(["bwrap", "--help"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return frozenset()
+    return frozenset(word for word in text.split() if word.startswith("--"))
+
+
+def _sized_tmpfs(path: str, size: int, perms: str) -> list[str]:
+    known = _bwrap_options()
+    return ((["--perms", perms] if "--perms" in known else []) + (["--size", str(size)] if "--size" in known else [])
+            + ["--tmpfs", path])
+
+
 def _bwrap_argv(workdir: Path, as_root: bool) -> list[str]:
     exe, prefixes = _interpreter()
     args = ["bwrap", "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try",
             "--die-with-parent", "--new-session"]
     if not as_root:  # an unprivileged user namespace; your id is shown as nobody inside
-        args += ["--unshare-user", "--disable-userns", "--uid", str(NOBODY), "--gid", str(NOBODY)]
+        args += ["--unshare-user", "--uid", str(NOBODY), "--gid", str(NOBODY)]
+        args += ["--disable-userns"] if "--disable-userns" in _bwrap_options() else []
     args += _system_mounts()
     made = {"/", "/usr", "/proc", "/dev", "/var", "/tmp", "/var/tmp", "/dev/shm"}
     for prefix in prefixes:
         args += _bind(prefix, made)
     args += ["--proc", "/proc", "--dev", "/dev"]
     for tmp in ("/tmp", "/var/tmp", "/dev/shm"):
-        args += ["--perms", "01777", "--size", str(TMPFS_BYTES), "--tmpfs", tmp]
-    args += ["--perms", "0755", "--dir", "/sandbox", "--ro-bind", str(workdir), INPUTS,
-             "--perms", "01777", "--size", str(WORK_BYTES), "--tmpfs", WORK, "--chdir", WORK, "--"]
+        args += _sized_tmpfs(tmp, TMPFS_BYTES, "01777")
+    args += ["--dir", "/sandbox", "--ro-bind", str(workdir), INPUTS, *_sized_tmpfs(WORK, WORK_BYTES, "01777"),
+             "--chdir", WORK, "--"]
     if as_root:
         args += ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--no-new-privs", "--"]
     return args + [exe, "-I", "-S", f"{INPUTS}/harness.py", INPUTS]

@@ -10,6 +10,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from labhelpers import tracking
 from labhelpers.chat import require_chat_template
 from labhelpers.profiles import Profile
 from labhelpers.tasks import get_task, load_split
@@ -169,8 +170,11 @@ def evaluate_task(model, tokenizer, task: str, split: str = "test", n: int | Non
 
 def evaluate(model, tokenizer, task: str, profile: Profile, split: str = "test") -> pd.DataFrame:
     """:func:`evaluate_task` on the profile's evaluation slice (first ``profile.n_eval`` rows, batches
-    of ``profile.eval_batch_size``): the one way the labs score a model."""
-    return evaluate_task(model, tokenizer, task, split, profile.n_eval, profile.eval_batch_size)
+    of ``profile.eval_batch_size``): the one way the labs score a model. The score of a model trained
+    in a tracked run is logged to that run (:mod:`labhelpers.tracking`)."""
+    table = evaluate_task(model, tokenizer, task, split, profile.n_eval, profile.eval_batch_size)
+    tracking.log_evaluation(model, task, split, float(table["correct"].mean()))
+    return table
 
 
 def score(model, tokenizer, task: str, profile: Profile, split: str = "test") -> float:

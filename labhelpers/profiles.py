@@ -51,6 +51,7 @@ class Profile:
     seed: int = 0
     seeds: int = 1  # where a lab compares methods, how many seeds each trains with (seed, seed + 1, ...)
     device_memory_gib: float | None = None  # the GPU a profile is sized for (None: the machine's own memory)
+    track: bool = True  # write training runs to the experiment tracker when one is set (labhelpers.tracking)
 
     def with_(self, **changes) -> "Profile":
         """A copy with some fields changed (profiles are frozen)."""
@@ -79,7 +80,7 @@ PROFILES: dict[str, Profile] = {
                   device="cpu", dtype="float32", max_seq_length=160, batch_size=8,
                   gradient_accumulation_steps=1, max_steps=200, learning_rate=3e-3, full_ft_learning_rate=1e-3,
                   lora_r=4, lora_alpha=16, lora_dropout=0.0, target_modules=_ATTN_MLP,
-                  gradient_checkpointing=False, n_eval=100, eval_batch_size=100, fused_lm_head=False),
+                  gradient_checkpointing=False, n_eval=100, eval_batch_size=100, fused_lm_head=False, track=False),
     "t4": Profile(name="t4", base_model="Qwen/Qwen2.5-Coder-0.5B-Instruct",
                   large_model="codellama/CodeLlama-7b-Instruct-hf",
                   sweep_models=("Qwen/Qwen2.5-Coder-0.5B-Instruct", "Qwen/Qwen2.5-Coder-1.5B-Instruct"),
@@ -98,7 +99,7 @@ PROFILES: dict[str, Profile] = {
 }
 # ``cpu``: the ``ci`` settings with twice the batch, more steps and the whole evaluation splits (a
 # student's laptop). ``ci`` halves the batch: each lab still shows its effect, in about a third less time.
-PROFILES["cpu"] = PROFILES["ci"].with_(name="cpu", batch_size=16, max_steps=800, n_eval=None, seeds=3)
+PROFILES["cpu"] = PROFILES["ci"].with_(name="cpu", batch_size=16, max_steps=800, n_eval=None, seeds=3, track=True)
 # ``smoke``: the fewest steps and examples that still execute every cell: the grading profile (instructors
 # autograde in it; the ``ci`` runs assert the effects of the same code path) and dry runs, never to show
 # a lab's results.

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from transformers import PrinterCallback, Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
-from labhelpers import profiles
+from labhelpers import profiles, tracking
 from labhelpers.data import FORMAT_COLUMNS, row_format, sft_dataset, tokenize_rows
 from labhelpers.memory import check_fits, measure_peak_memory
 from labhelpers.models import count_parameters, load_model, unwrap_peft
@@ -253,6 +253,9 @@ def train_sft(model, tokenizer, dataset, profile: Profile, peft_config=None, cal
         overrides: ``SFTConfig`` fields to change for this run, e.g. ``max_steps=50``.
     """
     train_dataset, fmt = sft_dataset(dataset, tokenizer)
+    run_folder = tracking.new_run(profile, tracking.method_name(model, peft_config))
+    if run_folder is not None:
+        callbacks = (*callbacks, tracking.training_callback(run_folder))
     recorder = _Recorder(desc="fine-tune" if peft_config is None else f"fine-tune ({type(peft_config).__name__})")
     if checkpoint_dir is not None:
         if not save_steps or save_steps < 1:
@@ -277,6 +280,7 @@ def train_sft(model, tokenizer, dataset, profile: Profile, peft_config=None, cal
     trained = trainer.model
     _drop_fused_head(trained)
     trained.eval()
+    tracking.attach(trained, run_folder, trainer.state.global_step)
     steps = len(recorder.step_seconds)
     timed = recorder.step_seconds[1:] or recorder.step_seconds  # the first step pays one-off set-up
     return TrainResult(model=trained, loss_curve=pd.DataFrame(recorder.losses, columns=["step", "loss"]),

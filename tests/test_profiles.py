@@ -61,7 +61,7 @@ def test_no_helper_branches_on_profile_name():
 
 def test_cpu_and_smoke_are_ci_with_a_few_fields_changed():
     ci = dataclasses.asdict(profiles.get("ci"))
-    for name, changed in (("cpu", {"name", "batch_size", "max_steps", "n_eval", "seeds"}), ("smoke", {"name", "max_steps", "n_eval", "eval_batch_size"})):
+    for name, changed in (("cpu", {"name", "batch_size", "max_steps", "n_eval", "seeds", "track"}), ("smoke", {"name", "max_steps", "n_eval", "eval_batch_size"})):
         other = dataclasses.asdict(profiles.get(name))
         assert {k for k in ci if ci[k] != other[k]} == changed, name
 

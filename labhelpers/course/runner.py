@@ -17,6 +17,7 @@ import html
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Iterator
 
+from labhelpers import tracking
 from labhelpers.course import rehearsal
 from labhelpers.paths import REPO_ROOT, build_dir
 from labhelpers.profiles import get, is_rehearsal
@@ -111,6 +113,9 @@ def run_lab(notebook: Path, out: Path, profile: str, kernel: str = KERNEL, timeo
     (workdir / "metrics.json").unlink(missing_ok=True)
     executed = workdir / Path(notebook).name
     os.environ["SFTLABS_RESULTS"] = str(out)
+    os.environ[tracking.LAB_ENV] = lab  # names this lab's tracked runs; those of an earlier run go
+    for old in tracked_runs(lab, get(profile)):
+        shutil.rmtree(old)
     backend = os.environ.pop("MPLBACKEND", None)  # the kernel must draw inline, so that figures are kept
     failure = None
     start = time.perf_counter()
@@ -162,6 +167,12 @@ def run_labs(out: Path, profile: str, source: Path | None = None) -> list[LabRun
     return runs
 
 
+def tracked_runs(lab: str, profile) -> list[Path]:
+    """The run folders the tracker holds for ``lab`` (none when tracking is off)."""
+    root = tracking.tracking_root(profile)
+    return sorted(root.glob(f"{lab}-*")) if root is not None and root.is_dir() else []
+
+
 def extract_figures(notebook: Path, folder: Path) -> list[Path]:
     """Write every PNG an executed notebook displays to ``folder/fig-NN.png`` (in cell order)."""
     import base64
@@ -195,6 +206,9 @@ def write_summary(runs: list[LabRun], out: Path, profile: str) -> Path:
                   f"- run time: {run.seconds:.0f} s"]
         if run.failure:
             lines += [f"- failed at {run.failure.describe()}"]
+        runs_tracked = tracked_runs(run.lab, get(profile))
+        if runs_tracked:
+            lines += [f"- tracked training runs (TensorBoard): {len(runs_tracked)} in `{runs_tracked[0].parent}`"]
         claims = {k.removeprefix("claim_"): v for k, v in (run.metrics or {}).items() if k.startswith("claim_")}
         if claims:
             missed = [k for k, held in claims.items() if not held]
@@ -294,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     if is_rehearsal(resolved):  # the GPU profile's hub models are the offline stand-ins, built here
         os.environ.update(rehearsal.environment(rehearsal.build()))
     out = args.out.resolve()  # once, here: everything below gets the absolute folder
+    os.environ.setdefault(tracking.TRACKING_ENV, str(out / "runs"))  # off in the ci and smoke profiles
     source = args.source.resolve() if args.source else None
     runs = run_labs(out, profile, source)
     if not runs:
@@ -302,6 +317,10 @@ def main(argv: list[str] | None = None) -> int:
     passed = sum(run.passed for run in runs)
     print(f"{passed} of {len(runs)} labs passed in {sum(run.seconds for run in runs):.0f} s; "
           f"summary: {out / 'summary.md'}, report: {out / 'report.html'}")
+    tracked = [folder for run in runs for folder in tracked_runs(run.lab, resolved)]
+    if tracked:
+        print(f"{len(tracked)} training runs tracked in {tracked[0].parent}: "
+              f"{Path(sys.executable).parent / 'tensorboard'} --logdir {tracked[0].parent}")
     return 0 if passed == len(runs) else 1
 
 

@@ -24,6 +24,7 @@ import socket
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import psutil
@@ -209,6 +210,11 @@ def _escaped_files() -> list[str]:
     return sorted(str(p) for d in SHARED_DIRS if d.is_dir() for p in d.glob(MARK + "*"))
 
 
+def _shared_entries() -> set[str]:
+    """Everything at the top of the directories every user may write (what a run could leave there)."""
+    return {str(p) for d in SHARED_DIRS[:3] if d.is_dir() for p in d.iterdir()}
+
+
 def _clean_up() -> None:
     for path in _escaped_files():
         p = Path(path)
@@ -228,6 +234,7 @@ def outcome(name: str, level: str) -> tuple[str, ...]:
     VICTIM.write_text("victim")
     VICTIM.chmod(0o666)
     received, signals = len(WORLD["received"]), len(WORLD["signals"])
+    before = _shared_entries()
     code = (PROGRAMS[name].replace("{PORT}", str(WORLD["port"])).replace("{PID}", str(os.getpid()))
             .replace("{MARK}", MARK).replace("{NAME}", name))
     code = code if "def f(" in code else code + GOOD
@@ -240,6 +247,8 @@ def outcome(name: str, level: str) -> tuple[str, ...]:
     if name in CHEATS and result.passed:
         ways.append("a wrong answer passed")
     ways += [f"file {path}" for path in _escaped_files()]
+    ways += [f"new entry {path}" for path in sorted(_shared_entries() - before)
+             if not path.startswith(tuple(f"{d}/{MARK}" for d in SHARED_DIRS[:3]))]  # (named above)
     if VICTIM.read_text() != "victim":
         ways.append("truncated a file outside")
     if VICTIM.stat().st_mode & 0o777 != 0o666:
@@ -375,6 +384,18 @@ def test_a_process_left_behind_is_killed_by_the_supervisor_at_every_level():
         assert not _left_processes(), level
         if containment.level == "process":
             assert result.passed and result.leftover_processes >= 1, level  # it ran, and was swept
+
+
+def test_reduced_containment_is_stated_once_in_the_evaluation_output(monkeypatch):
+    reduced = sandbox.Containment("process", "your user", "no bubblewrap (`bwrap`)")
+    monkeypatch.setattr(sandbox, "isolation", lambda: reduced)
+    sandbox._say_if_reduced.cache_clear()
+    with pytest.warns(RuntimeWarning, match="REDUCED containment"):
+        sandbox.run_tests_batch([GOOD], [TESTS])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sandbox.run_tests_batch([GOOD], [TESTS])  # once per process
+    sandbox._say_if_reduced.cache_clear()
 
 
 def test_isolation_is_reported_in_words():

@@ -49,6 +49,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,6 +194,7 @@ def run_tests_batch(codes: Sequence[str], tests: Sequence[Sequence[str]], worker
     (or merge, or adapter) already wrote for the same row is not run again."""
     if len(codes) != len(tests):
         raise ValueError(f"got {len(codes)} programs but {len(tests)} test lists; pass one test list per program")
+    _say_if_reduced()
     pairs = [(code, tuple(row_tests)) for code, row_tests in zip(codes, tests)]
     distinct = list(dict.fromkeys(pairs))
     for _, row_tests in distinct:
@@ -200,6 +202,14 @@ def run_tests_batch(codes: Sequence[str], tests: Sequence[Sequence[str]], worker
     with ThreadPoolExecutor(max_workers=workers) as pool:
         verdicts = dict(zip(distinct, pool.map(lambda pair: verdict(*pair, timeout_s=timeout_s), distinct)))
     return [verdicts[pair] for pair in pairs]
+
+
+@functools.lru_cache(maxsize=1)
+def _say_if_reduced() -> None:
+    """Warn once per process, in the evaluation's own output, when generated code runs with reduced containment."""
+    level = isolation()
+    if level.level != "namespaces":
+        warnings.warn(level.describe(), RuntimeWarning, stacklevel=3)
 
 
 @functools.lru_cache(maxsize=16384)

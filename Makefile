@@ -44,7 +44,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (sftlabs)" >/dev/null
 	@touch $@
 
-setup: $(VENV)/.installed sandbox-tool
+# (only while bwrap is missing, so that `make setup` has nothing to do once everything is there)
+SANDBOX_TOOL := $(if $(shell command -v bwrap 2>/dev/null),,sandbox-tool)
+setup: $(VENV)/.installed $(SANDBOX_TOOL)
 
 # Generated code runs in bubblewrap's namespaces where the machine has it (labhelpers.sandbox); installed
 # here when this user may (root, or sudo without a password); otherwise the sandbox says it is reduced.

@@ -139,8 +139,7 @@ NOT_WITHOUT_LAYERS = {"kill_everything", "fork_bomb", "subprocess_bomb"} if not 
 def _containment(level: str) -> tuple[sandbox.Containment, bool]:
     if level in ("full", "no hook"):
         return sandbox.isolation(), level == "full"
-    user = "nobody" if ROOT else "your user"
-    return sandbox.Containment("process", user, "no namespaces (test)"), level == "no namespaces"
+    return sandbox.without_namespaces("no namespaces (test)"), level == "no namespaces"
 
 
 def _has_namespaces() -> bool:

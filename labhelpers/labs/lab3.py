@@ -201,7 +201,7 @@ def merge_methods_over_seeds(configs: Sequence[Mapping], profile, out_root: str 
             experts = {task: train_expert([task], seeded, folder / f"{task}_expert", steps, start=start,
                                           learning_rate=learning_rate)[0] for task in ("code", "sql")}
             sweep = sweep_merges(configs, list(experts.values()), start, folder / "merges", seeded, tasks)
-        own = {task: score_folder(folder, seeded, [task], "test") for task, folder in experts.items() if task in tasks}
+        own = {task: score_folder(expert, seeded, [task], "test") for task, expert in experts.items() if task in tasks}
         table = preservation(chosen_merges_on_test(sweep, seeded, tasks), own).drop(columns="split")
         for label, row in table.iterrows():
             per_method.setdefault(row["method"], []).append({"chosen": label, **row.drop("method").to_dict()})

@@ -55,12 +55,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from labhelpers.sandbox.containment import NOBODY, Containment, command, environment, isolation
+from labhelpers.sandbox.containment import NOBODY, Containment, candidates, command, environment, without_namespaces
 from labhelpers.sandbox.judge import SAFE_NAMES, TestLineError, TestPlan, judge, plan_tests, read_results
 from labhelpers.sandbox.programs import HARNESS, SUPERVISOR
 
 __all__ = ["NOBODY", "SAFE_NAMES", "Containment", "SandboxResult", "TestLineError", "TestPlan", "isolation",
-           "plan_tests", "run_python", "run_tests_batch", "verdict"]
+           "plan_tests", "run_python", "run_tests_batch", "verdict", "without_namespaces"]
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,18 @@ class SandboxResult:
     stdout: str
     stderr: str
     leftover_processes: int = 0
+
+
+@functools.lru_cache(maxsize=1)
+def isolation() -> Containment:
+    """The best containment this machine gives, probed once per process with a real run at each level
+    (:func:`~labhelpers.sandbox.containment.candidates`, best first): the program must start, write its
+    working directory and find its own standard library."""
+    probe = "import sys\nopen('probe', 'w').write('written')\nprefix = sys.prefix\n"
+    check = f"assert prefix == {os.path.realpath(sys.base_prefix)!r}"
+    levels = candidates()
+    return next((level for level in levels if run_python(probe, [check], timeout_s=20, containment=level).passed),
+                levels[-1])
 
 
 def run_python(code: str, tests: Sequence[str] = (), timeout_s: float = 5.0, memory_mb: int = 512,

@@ -1,5 +1,5 @@
-"""The containment levels a machine can give generated code, probed once (:func:`isolation`), and the
-command of a run at each: bubblewrap's namespaces and private file system, or a plain process (as
+"""The containment levels a machine can give generated code (:func:`candidates`, probed once by
+:func:`labhelpers.sandbox.isolation`), and the command of a run at each: bubblewrap's namespaces and private file system, or a plain process (as
 ``nobody`` when we are root)."""
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,44 +125,24 @@ def command(containment: Containment, workdir: Path) -> list[str]:
     return [shutil.which(argv[0]) or argv[0], *argv[1:]]
 
 
-_CANDIDATES = (Containment("namespaces", "nobody", "bubblewrap"), Containment("process", "nobody", "no namespaces"),
-               Containment("process", "your user", "no namespaces"))
+def without_namespaces(reason: str) -> Containment:
+    """The process level: as ``nobody`` when we are root (``setpriv``), else as your user; ``reason``
+    says why there are no namespaces."""
+    as_nobody = os.geteuid() == 0 and shutil.which("setpriv") is not None
+    return Containment("process", "nobody" if as_nobody else "your user", reason)
 
 
-def _works(containment: Containment) -> bool:
-    """Whether a run at this level starts, writes its directory and finds its own standard library."""
-    exe, _ = _interpreter()
-    probe = "import json, math, sys; open('probe', 'w').write('written'); print(sys.prefix)"
-    workdir = Path(tempfile.mkdtemp(prefix="sftlabs-sandbox-"))
-    try:
-        (workdir / "harness.py").write_text(probe)
-        if containment.user == "nobody" and os.geteuid() == 0:
-            os.chown(workdir, NOBODY, NOBODY)
-        run = subprocess.run(command(containment, workdir), cwd=workdir, env=environment(containment, workdir),
-                             capture_output=True, timeout=20)
-        return run.returncode == 0 and run.stdout.decode().strip() == os.path.realpath(sys.base_prefix)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-
-
-@functools.lru_cache(maxsize=1)
-def isolation() -> Containment:
-    """The best containment this machine gives (probed once per process): ``namespaces`` with
-    bubblewrap where it is installed and namespaces are allowed, else ``process``."""
+def candidates() -> list[Containment]:
+    """Every level this machine might give, best first; :func:`labhelpers.sandbox.isolation` probes them."""
     as_root = os.geteuid() == 0
-    for containment in _CANDIDATES:
-        if containment.level == "namespaces" and not shutil.which("bwrap"):
-            continue
-        if containment.user == "nobody" and containment.level == "process" and not (as_root and shutil.which("setpriv")):
-            continue
-        if containment.level == "namespaces" and not as_root:
-            containment = Containment("namespaces", "your user id (shown as nobody)", "bubblewrap")
-        if _works(containment):
-            return containment
-    why = "no bubblewrap (`bwrap`)" if not shutil.which("bwrap") else "bubblewrap cannot create namespaces here"
-    return Containment("process", "your user", why)
+    if not shutil.which("bwrap"):
+        levels = [without_namespaces("no bubblewrap (`bwrap`)")]
+    else:
+        levels = [Containment("namespaces", "nobody" if as_root else "your user id (shown as nobody)", "bubblewrap"),
+                  without_namespaces("bubblewrap cannot create namespaces here")]
+    if levels[-1].user == "nobody":  # nobody may not reach this Python (a private home, say)
+        levels.append(Containment("process", "your user", levels[-1].tool))
+    return levels
 
 
 def environment(containment: Containment, workdir: Path) -> dict[str, str]:

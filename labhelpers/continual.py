@@ -33,6 +33,7 @@ from labhelpers.data import tokenize_rows
 from labhelpers.evaluation import SELECTION_SPLIT, evaluate, perplexity, score, select_best, token_blocks
 from labhelpers.paths import data_dir
 from labhelpers.profiles import Profile
+from labhelpers.quality import sql_quality
 from labhelpers.tasks import load_split, read_jsonl, sql
 
 GENERAL_TASK = "arithmetic"  # the skill the base has before any lab: the forgetting probe
@@ -104,12 +105,10 @@ def general_scores(model, tokenizer, profile: Profile, n_texts: int | None = Non
 
 
 def domain_scores(model, tokenizer, profile: Profile) -> tuple[dict[str, float], pd.DataFrame]:
-    """SQL execution accuracy and format adherence, plus the per-example frame."""
-    df = evaluate(model, tokenizer, DOMAIN_TASK, profile)
-    quality = sql.format_report(df["completion"])
-    df = pd.concat([df, quality], axis=1)
-    return {DOMAIN_TASK: float(df["correct"].mean()), "valid_sql": float(df["valid_sql"].mean()),
-            "no_chatter": float(df["no_chatter"].mean())}, df
+    """SQL execution accuracy and format adherence on the test split, plus the per-example frame
+    (:func:`labhelpers.quality.sql_quality`)."""
+    measures, df = sql_quality(model, tokenizer, profile)
+    return {key: measures[key] for key in (DOMAIN_TASK, "valid_sql", "no_chatter")}, df
 
 
 def all_scores(model, tokenizer, profile: Profile) -> dict[str, float]:

@@ -80,7 +80,7 @@ def validate_rows(rows: Iterable[dict]) -> str:
     return formats.pop()
 
 
-def sft_dataset(dataset, tokenizer=None):
+def sft_dataset(dataset, tokenizer=None, assistant_only: bool = True):
     """The dataset TRL trains on, after validation, and its format: ``(dataset, format)``.
 
     With a ``tokenizer``, chat rows are tokenized here, in one pass (:func:`tokenize_chats`: the same
@@ -89,7 +89,8 @@ def sft_dataset(dataset, tokenizer=None):
     to ``max_length``: one pass instead of TRL's four ``datasets.map`` passes (timed in
     ``docs/measurements.md``), once per training call. Other
     formats keep only the columns TRL trains on (``prompt``+``completion``, ``text``, or
-    ``input_ids``+``labels``).
+    ``input_ids``+``labels``). ``assistant_only=False`` (what ``SFTConfig(assistant_only_loss=False)``
+    asks) puts the loss of chat rows on every token, the prompt's and the role markers' too.
     """
     from datasets import Dataset
 
@@ -97,7 +98,7 @@ def sft_dataset(dataset, tokenizer=None):
     if fmt == "chat" and tokenizer is not None:
         rows = tokenize_chats(dataset["messages"], tokenizer, max_length=None)
         return Dataset.from_dict({"input_ids": [r["input_ids"] for r in rows],
-                                  "labels": [r["labels"] for r in rows]}), "tokenized"
+                                  "labels": [r["labels" if assistant_only else "input_ids"] for r in rows]}), "tokenized"
     return dataset.select_columns(FORMAT_COLUMNS[fmt]), fmt
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import math
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
@@ -126,37 +128,76 @@ def prompt_text(row: dict, tokenizer, task_format: str) -> str:
     return tokenizer.apply_chat_template(row["messages"][:-1], tokenize=False, add_generation_prompt=True)
 
 
+@dataclass(frozen=True)
+class Generation:
+    """One completion: its text (special tokens stripped), how many tokens were generated (up to and
+    including the end-of-turn token) and whether the model stopped by itself (emitted the tokenizer's
+    end-of-turn token before ``max_new_tokens``)."""
+
+    text: str
+    new_tokens: int
+    stopped: bool
+
+
 @torch.no_grad()
-def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 32,
-             progress: bool = False) -> list[str]:
-    """Greedy completions of ``prompts`` (left-padded batches), special tokens stripped."""
+def generate_detailed(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 32,
+                      progress: bool = False, generation_config=None) -> list[Generation]:
+    """Completions of ``prompts`` (left-padded batches) with their lengths.
+
+    Greedy unless ``generation_config`` (a ``transformers.GenerationConfig``) says otherwise, e.g.
+    ``GenerationConfig(do_sample=True, temperature=0.7)`` or ``GenerationConfig(repetition_penalty=1.3)``;
+    ``max_new_tokens`` and the end-of-turn and padding tokens are always the task's and the tokenizer's.
+    Sampling draws from torch's global generator: seed it (``torch.manual_seed``) for a repeatable run.
+    """
     was_training = model.training
     model.eval()
     tokenizer.padding_side = "left"
-    outputs: list[str] = []
+    eos = tokenizer.eos_token_id
+    limits = {"max_new_tokens": max_new_tokens, "eos_token_id": eos, "pad_token_id": tokenizer.pad_token_id}
+    if generation_config is None:
+        decoding = {"do_sample": False, **limits}
+    else:  # the caller's config with the task's limits (a copy: theirs is left as it was)
+        decoding = {"generation_config": copy.deepcopy(generation_config)}
+        decoding["generation_config"].update(**limits)
+    outputs: list[Generation] = []
     batches = range(0, len(prompts), batch_size)
     for start in tqdm(batches, desc="generate", disable=not progress):
         enc = tokenizer(list(prompts[start:start + batch_size]), return_tensors="pt", padding=True,
                         add_special_tokens=False).to(model.device)
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        outputs += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        out = model.generate(**enc, **decoding)
+        new = out[:, enc["input_ids"].shape[1]:]
+        texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+        for text, ids in zip(texts, new.tolist()):
+            stopped = eos in ids
+            outputs.append(Generation(text, ids.index(eos) + 1 if stopped else len(ids), stopped))
     model.train(was_training)
     return outputs
 
 
-def evaluate_task(model, tokenizer, task: str, split: str = "test", n: int | None = None,
-                  batch_size: int = 32, progress: bool = False) -> pd.DataFrame:
-    """Generate for the first ``n`` rows of a split and score them.
+def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 32,
+             progress: bool = False, generation_config=None) -> list[str]:
+    """The texts of :func:`generate_detailed` (greedy unless ``generation_config`` says otherwise)."""
+    return [g.text for g in generate_detailed(model, tokenizer, prompts, max_new_tokens, batch_size, progress,
+                                              generation_config)]
 
-    Returns one row per example: ``id``, ``prompt``, ``reference``, ``completion``, ``correct``
-    and ``composition`` (where the task has one). ``df["correct"].mean()`` is the task's score
-    (pass@1 for ``code``, execution accuracy for ``sql``, exact match for ``arithmetic``).
+
+def evaluate_task(model, tokenizer, task: str, split: str = "test", n: int | None = None,
+                  batch_size: int = 32, progress: bool = False, generation_config=None) -> pd.DataFrame:
+    """Generate for the first ``n`` rows of a split and score them (greedy decoding unless
+    ``generation_config`` says otherwise, see :func:`generate_detailed`).
+
+    Returns one row per example: ``id``, ``prompt``, ``reference``, ``completion``, ``correct``,
+    ``composition`` (where the task has one), ``new_tokens`` (the answer's length in tokens) and
+    ``stopped`` (the model ended its turn before the task's ``max_new_tokens``).
+    ``df["correct"].mean()`` is the task's score (pass@1 for ``code``, execution accuracy for ``sql``,
+    exact match for ``arithmetic``).
     """
     spec = get_task(task)
     rows = list(load_split(task, split, n))
     prompts = [prompt_text(r, tokenizer, spec.format) for r in rows]
-    completions = generate(model, tokenizer, prompts, spec.max_new_tokens, batch_size, progress)
+    generations = generate_detailed(model, tokenizer, prompts, spec.max_new_tokens, batch_size, progress,
+                                    generation_config)
+    completions = [g.text for g in generations]
     references = [r["completion"] if spec.format == "completion" else r["messages"][-1]["content"] for r in rows]
     return pd.DataFrame({
         "id": [r["id"] for r in rows],
@@ -165,15 +206,20 @@ def evaluate_task(model, tokenizer, task: str, split: str = "test", n: int | Non
         "completion": completions,
         "correct": spec.score(rows, completions),
         "composition": [r.get("composition", "") for r in rows],
+        "new_tokens": [g.new_tokens for g in generations],
+        "stopped": [g.stopped for g in generations],
     })
 
 
-def evaluate(model, tokenizer, task: str, profile: Profile, split: str = "test") -> pd.DataFrame:
+def evaluate(model, tokenizer, task: str, profile: Profile, split: str = "test",
+             generation_config=None) -> pd.DataFrame:
     """:func:`evaluate_task` on the profile's evaluation slice (first ``profile.n_eval`` rows, batches
-    of ``profile.eval_batch_size``): the one way the labs score a model. The score of a model trained
-    in a tracked run is logged to that run (:mod:`labhelpers.tracking`)."""
-    table = evaluate_task(model, tokenizer, task, split, profile.n_eval, profile.eval_batch_size)
-    tracking.log_evaluation(model, task, split, float(table["correct"].mean()))
+    of ``profile.eval_batch_size``): the one way the labs score a model. The greedy score of a model
+    trained in a tracked run is logged to that run (:mod:`labhelpers.tracking`)."""
+    table = evaluate_task(model, tokenizer, task, split, profile.n_eval, profile.eval_batch_size,
+                          generation_config=generation_config)
+    if generation_config is None:  # the tracked score is the greedy one, whatever else is tried
+        tracking.log_evaluation(model, task, split, float(table["correct"].mean()))
     return table
 
 

@@ -250,9 +250,12 @@ def train_sft(model, tokenizer, dataset, profile: Profile, peft_config=None, cal
         checkpoint_dir: keep checkpoints there (every ``save_steps`` steps, the last two) and, if it
             already holds one, resume from the latest: optimizer, scheduler, RNG and data order included,
             so an interrupted run ends where an uninterrupted one would.
-        overrides: ``SFTConfig`` fields to change for this run, e.g. ``max_steps=50``.
+        overrides: ``SFTConfig`` fields to change for this run, e.g. ``max_steps=50``,
+            ``neftune_noise_alpha=5`` or ``assistant_only_loss=False`` (chat rows then train on every
+            token; the default, True, on the assistant's).
     """
-    train_dataset, fmt = sft_dataset(dataset, tokenizer)
+    overrides = dict(overrides)
+    train_dataset, fmt = sft_dataset(dataset, tokenizer, assistant_only=overrides.pop("assistant_only_loss", True))
     run_folder = tracking.new_run(profile, tracking.method_name(model, peft_config))
     if run_folder is not None:
         callbacks = (*callbacks, tracking.training_callback(run_folder))
@@ -316,11 +319,12 @@ def warn_if_too_large(model, peft_config, profile: Profile, overrides: dict) -> 
 
 
 # The fields of an ``SFTConfig`` that make a training recipe (what :func:`fine_tune` takes from a
-# config you built); output folder, step count, schedule, logging and saving stay the run's own, and the
-# loss mask follows the data (:func:`sft_dataset`: the assistant's tokens of chat rows, the completion of
-# completion rows), which is what ``assistant_only_loss=True`` asks of chat rows.
+# config you built); output folder, step count, schedule, logging and saving stay the run's own. The
+# loss mask follows the data (:func:`sft_dataset`: the completion of completion rows; the assistant's
+# tokens of chat rows under ``assistant_only_loss=True``, every token under False).
 RECIPE_FIELDS = ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "max_length",
-                 "fp16", "bf16", "activation_checkpointing", "optim", "weight_decay")
+                 "fp16", "bf16", "activation_checkpointing", "optim", "weight_decay", "assistant_only_loss",
+                 "neftune_noise_alpha")
 
 
 def recipe_of(args) -> dict:
@@ -339,7 +343,7 @@ def fine_tune(model, tokenizer, rows, profile: Profile, steps: int, learning_rat
     ``full_ft_learning_rate`` unless told otherwise, PEFT its ``learning_rate``
     (:func:`labhelpers.peft_methods.default_learning_rate`). ``args``, an ``SFTConfig`` you built,
     supplies the recipe (:data:`RECIPE_FIELDS`: learning rate, batch, accumulation, length, precision,
-    checkpointing, optimizer); ``learning_rate`` still wins when given.
+    checkpointing, optimizer, loss mask, NEFTune noise); ``learning_rate`` still wins when given.
     Returns the :class:`~labhelpers.training.TrainResult`.
     """
     from datasets import Dataset

@@ -277,3 +277,20 @@ def test_runs_over_seeds_trains_each_seed_and_averages_every_run(monkeypatch):
             yield "LoRA", ("LoRA", p.seed), None
     with pytest.raises(ValueError, match="same runs"):
         lab2.runs_over_seeds(uneven, profile, tokenizer=None)
+
+
+def test_train_variants_trains_each_recipe_once_and_reuses_a_run_already_made(ci_profile, monkeypatch):
+    from labhelpers.labs import lab2
+
+    calls = []
+
+    def fake_fine_tune(model, tokenizer, rows, profile, steps, args=None):
+        calls.append((len(rows), steps, args))
+        return type("Run", (), {"model": f"model {len(calls)}"})()
+
+    monkeypatch.setattr(lab2, "fine_tune", fake_fine_tune)
+    monkeypatch.setattr(lab2, "load_model", lambda profile: ("base", "tokenizer"))
+    variants = {"default": ([{}] * 3, "recipe a"), "noise": ([{}] * 3, "recipe b"), "short data": ([{}] * 2, "recipe a")}
+    models = lab2.train_variants(variants, ci_profile, "tokenizer", 7, reuse={"default": "the naive run"})
+    assert models == {"default": "the naive run", "noise": "model 1", "short data": "model 2"}
+    assert calls == [(3, 7, "recipe b"), (2, 7, "recipe a")]

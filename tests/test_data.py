@@ -97,3 +97,24 @@ def test_trl_sees_generation_markers_and_a_trained_stop_token(tokenizer):
 
     assert has_generation_markers(tokenizer.chat_template)
     assert is_chat_template_stop_token_trained(tokenizer)
+
+
+def test_loss_on_all_tokens_is_what_trl_trains_without_assistant_only_loss(base, tmp_path):
+    """``assistant_only=False`` (``SFTConfig(assistant_only_loss=False)`` in ``fine_tune``) labels every token
+    of a conversation, as TRL's collator does for the same config: the prompt and the role markers too."""
+    from trl import SFTConfig, SFTTrainer
+
+    from labhelpers.tasks import load_split
+
+    model, tokenizer = base
+    rows = load_split("sql", "train", 8).select_columns(["messages"])
+    ours, _ = data.sft_dataset(rows, tokenizer, assistant_only=False)
+    masked, _ = data.sft_dataset(rows, tokenizer)
+    args = SFTConfig(output_dir=str(tmp_path), assistant_only_loss=False, max_length=None, use_cpu=True,
+                     report_to="none", activation_checkpointing=False)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer)
+    for i in range(len(rows)):
+        theirs = trainer.data_collator([trainer.train_dataset[i]])["labels"][0].tolist()
+        assert ours[i]["labels"] == ours[i]["input_ids"] == theirs
+        trained = sum(label != data.IGNORE_INDEX for label in masked[i]["labels"])
+        assert 0 < trained < len(theirs)  # the default trains on the answer only

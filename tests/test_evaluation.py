@@ -23,8 +23,31 @@ def test_chat_prompts_end_with_the_generation_prompt(tokenizer):
 def test_evaluate_task_returns_a_scored_frame(base):
     model, tokenizer = base
     df = evaluate_task(model, tokenizer, "arithmetic", "test", n=16)
-    assert list(df.columns) == ["id", "prompt", "reference", "completion", "correct", "composition"]
+    assert list(df.columns) == ["id", "prompt", "reference", "completion", "correct", "composition", "new_tokens",
+                                "stopped"]
     assert len(df) == 16 and df["correct"].dtype == bool
+
+
+def test_generations_count_their_tokens_and_say_whether_the_model_stopped(base):
+    """``new_tokens`` counts up to and including the end-of-turn token; an answer cut by ``max_new_tokens`` did
+    not stop. A ``GenerationConfig`` changes the decoding and is left as it was."""
+    from transformers import GenerationConfig
+
+    from labhelpers.evaluation import generate_detailed
+
+    model, tokenizer = base
+    prompts = [prompt_text(row, tokenizer, "chat") for row in load_split("sql", "validation", 4)]
+    long = generate_detailed(model, tokenizer, prompts, max_new_tokens=64)
+    short = generate_detailed(model, tokenizer, prompts, max_new_tokens=3)
+    for g, cut in zip(long, short):
+        ids = tokenizer(g.text, add_special_tokens=False)["input_ids"]
+        assert g.new_tokens == len(ids) + g.stopped and g.new_tokens <= 64
+        assert cut.new_tokens <= 3 and (cut.stopped or cut.new_tokens == 3)
+    assert [g.text for g in long] == generate(model, tokenizer, prompts, max_new_tokens=64)
+    config = GenerationConfig(do_sample=False, repetition_penalty=1.5)
+    penalized = generate_detailed(model, tokenizer, prompts, max_new_tokens=64, generation_config=config)
+    assert config.max_new_tokens is None or config.max_new_tokens != 64  # the caller's config is not changed
+    assert [g.text for g in penalized] != [g.text for g in long]
 
 
 def test_perplexity_and_blocks(base):

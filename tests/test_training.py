@@ -283,3 +283,26 @@ def test_fine_tune_takes_the_recipe_from_an_sft_config_you_built(ci_profile, mon
     assert seen["max_steps"] == 5 and seen["learning_rate"] == 7e-4
     training.fine_tune(None, None, task_rows("code", "train")[:4], ci_profile, 5, learning_rate=1e-5, args=mine)
     assert seen["learning_rate"] == 1e-5  # an explicit learning rate still wins
+
+
+def test_neftune_and_the_loss_mask_are_one_field_of_the_recipe(ci_profile, tokenizer):
+    """``fine_tune(..., args=...)`` switches NEFTune (``neftune_noise_alpha``) and the loss on all tokens
+    (``assistant_only_loss=False``) on: each changes the losses of the same seed and data, and NEFTune's
+    noise is gone once training ends (the trained model is evaluated without it)."""
+    from labhelpers.tasks import task_rows
+    from labhelpers.training import fine_tune, sft_config
+
+    profile = ci_profile.with_(batch_size=4)
+    rows = task_rows("sql", "train")[:16]
+
+    def run(**change):
+        model, _ = load_model(profile)
+        result = fine_tune(model, tokenizer, rows, profile, 3, args=sft_config(profile, "chat", "unused", **change))
+        return result.loss_curve["loss"].tolist(), result.model
+
+    plain, _ = run()
+    assert run()[0] == plain  # the same seed and data: the same losses
+    noisy, model = run(neftune_noise_alpha=15.0)
+    assert noisy != plain and not model.get_input_embeddings()._forward_hooks
+    everything, _ = run(assistant_only_loss=False)
+    assert everything != plain

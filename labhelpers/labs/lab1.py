@@ -259,7 +259,7 @@ def save_reload_merge(peft_model, profile: Profile, folder) -> dict:
 
 QLORA_BNB_FIELDS = ("load_in_4bit", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype")
 QLORA_LORA_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "task_type")
-QLORA_SFT_FIELDS = ("max_steps", "assistant_only_loss", *(f for f in RECIPE_FIELDS if f not in ("optim", "weight_decay")))
+QLORA_SFT_FIELDS = ("max_steps", *(f for f in RECIPE_FIELDS if f not in ("optim", "weight_decay", "neftune_noise_alpha")))
 
 
 def check_qlora_setup(bnb_config, lora_config, sft_args, profile: Profile) -> CheckReport:

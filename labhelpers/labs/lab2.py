@@ -5,7 +5,7 @@ sweep over base models, learning rates and ranks."""
 from __future__ import annotations
 
 import gc
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import pandas as pd
 from torch import nn
@@ -108,3 +108,17 @@ def best_settings(sweep: pd.DataFrame) -> pd.DataFrame:
     (:func:`labhelpers.evaluation.select_best`; ``test_score`` is never read), smallest base first."""
     chosen = select_best(sweep, "score", group="model", tie_breakers=[("final_loss", True)])
     return chosen.sort_values("params", kind="stable").reset_index(drop=True)
+
+
+def train_variants(variants: Mapping[str, tuple[Sequence[dict], object]], profile: Profile, tokenizer, steps: int,
+                   reuse: Mapping[str, nn.Module] | None = None) -> dict[str, nn.Module]:
+    """Fine-tune the profile's base once per variant, ``{name: (training rows, SFTConfig)}``, for
+    ``steps`` steps each with that config's recipe (:func:`labhelpers.training.fine_tune`); a variant
+    named in ``reuse`` takes the model given there instead (a run already made with the same recipe).
+    Returns ``{name: trained model}`` in the variants' order."""
+    models = dict(reuse or {})
+    for name, (rows, args) in variants.items():
+        if name not in models:
+            model, _ = load_model(profile)
+            models[name] = fine_tune(model, tokenizer, rows, profile, steps, args=args).model
+    return {name: models[name] for name in variants}

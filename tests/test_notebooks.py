@@ -102,6 +102,9 @@ def _lab3(m: dict) -> None:
     assert m["recommended_average"] == pytest.approx(m["best_average"])
     for combination in ("linear", "ties", "dare_ties"):
         assert m[f"adapter_{combination}_average"] > 0
+    # lm-eval with the course's custom tasks rebuilds the test table of the experts, the multi-task model and
+    # each method's chosen merge with the same scores
+    assert m["harness_models"] >= 8 and m["harness_max_difference"] == 0
 
 
 def _lab4(m: dict) -> None:

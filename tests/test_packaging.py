@@ -68,7 +68,7 @@ def test_bitsandbytes_hub_kernel_notice_is_dropped_and_other_warnings_pass(caplo
     assert [r.getMessage() for r in caplog.records] == ["something else went wrong"]
 
 
-def test_accelerate_configs_ship_inside_the_package(tmp_path):
+def test_accelerate_and_harness_configs_ship_inside_the_package(tmp_path):
     # a non-editable install (Colab installs a wheel) must find them: build the wheel and look inside
     import shutil
     import subprocess
@@ -89,6 +89,9 @@ def test_accelerate_configs_ship_inside_the_package(tmp_path):
         assert accelerate_config(name).exists()
     with pytest.raises(FileNotFoundError, match="shipped: deepspeed_zero2"):
         accelerate_config("zero9")
+    for task in ("code", "sql", "arithmetic"):  # lm-eval's custom task configs and the functions they name
+        assert f"labhelpers/harness/tasks/sftlabs_{task}.yaml" in names, task
+    assert "labhelpers/harness/tasks/utils.py" in names
 
 
 def test_a_deprecation_raised_from_labhelpers_fails_the_suite():

@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from labhelpers.evaluation import SELECTION_SPLIT, mean_over_seeds, scores, select_best
+from labhelpers.harness import score_folder as harness_score_folder
 from labhelpers.merging import NEEDS_BASE, Checkpoint, merge_checkpoints, preservation
 from labhelpers.models import load_model, model_source
 from labhelpers.tasks import load_split, task_rows
@@ -40,16 +41,23 @@ def save_model(model, tokenizer, folder: str | Path) -> Path:
     return folder
 
 
-def score_folder(folder: str | Path, profile, tasks: Sequence[str] = TASKS, split: str = "test") -> dict[str, float]:
-    """Load a model folder on the profile's device and score it on ``tasks`` (``split`` of each)."""
+def score_folder(folder: str | Path, profile, tasks: Sequence[str] = TASKS, split: str = "test",
+                 harness: bool = False) -> dict[str, float]:
+    """Load a model folder on the profile's device and score it on ``tasks`` (``split`` of each): with
+    the labs' own generation and scorers, or with ``harness=True`` through ``lm-eval``'s
+    ``simple_evaluate`` and the course's custom tasks (:mod:`labhelpers.harness`: the same scorers)."""
+    if harness:
+        return harness_score_folder(folder, profile, tasks, split)
     model, tokenizer = load_model(profile, str(folder))
     return scores(model, tokenizer, tasks, profile, split)
 
 
 def score_folders(folders: Mapping[str, str | Path], profile, tasks: Sequence[str] = TASKS,
-                  split: str = "test") -> pd.DataFrame:
-    """One row per named model folder: a column per task, ``average`` over them, and ``split``."""
-    table = pd.DataFrame({name: score_folder(folder, profile, tasks, split) for name, folder in folders.items()}).T
+                  split: str = "test", harness: bool = False) -> pd.DataFrame:
+    """One row per named model folder: a column per task, ``average`` over them, and ``split``
+    (scored as :func:`score_folder` does, through ``lm-eval`` with ``harness=True``)."""
+    table = pd.DataFrame({name: score_folder(folder, profile, tasks, split, harness)
+                          for name, folder in folders.items()}).T
     table["average"] = table[list(tasks)].mean(axis=1)
     table["split"] = split
     return table

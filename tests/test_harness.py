@@ -1,0 +1,56 @@
+"""The course's tasks in lm-eval: the configs match the tasks, and the harness gives the labs' verdicts."""
+
+import json
+
+import pytest
+import yaml
+
+from labhelpers import harness
+from labhelpers.paths import build_dir
+from labhelpers.tasks import TASKS, get_task
+
+
+def _config(task: str) -> dict:
+    text = (harness.TASKS_DIR / f"{harness.harness_task(task)}.yaml").read_text()
+    return yaml.load(text.replace("!function", ""), Loader=yaml.SafeLoader)  # the tag is lm-eval's
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_each_task_config_matches_the_course_task(task):
+    config = _config(task)
+    assert config["task"] == harness.harness_task(task) and config["dataset_kwargs"] == {"task": task}
+    assert config["generation_kwargs"]["max_gen_toks"] == get_task(task).max_new_tokens
+    assert config["generation_kwargs"]["do_sample"] is False and config["output_type"] == "generate_until"
+    assert [m["metric"] for m in config["metric_list"]] == [harness.METRICS[task]]
+
+
+def test_the_task_manager_registers_the_course_tasks():
+    manager = harness.task_manager()
+    assert {harness.harness_task(t) for t in TASKS} <= set(manager.all_tasks)
+    with pytest.raises(KeyError, match="valid tasks"):
+        harness.harness_task("poetry")
+
+
+@pytest.mark.slow
+def test_the_harness_and_the_course_scorers_agree_on_every_example(ci_profile, tmp_path):
+    """A model tuned on code and SQL (so that scores are neither 0 nor 1), saved as a folder, scored by
+    ``lm_eval.simple_evaluate`` (hf model type, the course's custom tasks) and by the labs' own
+    generation and scorers: the same completion and the same verdict for every example of every task."""
+    from labhelpers.evaluation import evaluate
+    from labhelpers.labs import lab3
+    from labhelpers.models import load_model
+
+    profile = ci_profile.with_(n_eval=60)
+    folder, _ = lab3.train_expert(["code", "sql"], profile, tmp_path / "model", 60)
+    by_harness = harness.evaluate_folder(folder, profile, lab3.TASKS)
+    model, tokenizer = load_model(profile, str(folder))
+    record = {}
+    for task in lab3.TASKS:
+        ours = evaluate(model, tokenizer, task, profile)
+        assert by_harness[task]["completions"] == ours["completion"].tolist(), task
+        assert by_harness[task]["verdicts"] == ours["correct"].astype(float).tolist(), task
+        assert by_harness[task]["score"] == pytest.approx(ours["correct"].mean())
+        record[task] = {"examples": len(ours), "score": float(ours["correct"].mean())}
+    assert any(0 < r["score"] < 1 for r in record.values())  # the agreement is not all zeros or all ones
+    build_dir().mkdir(exist_ok=True)
+    (build_dir() / "harness-agreement.json").write_text(json.dumps(record, indent=1) + "\n")

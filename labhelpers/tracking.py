@@ -13,6 +13,7 @@ grading write nothing outside their folders). Open the runs with::
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 from pathlib import Path
@@ -74,15 +75,38 @@ def attach(model, folder: Path | None, last_step: int) -> None:
 
 
 def log_evaluation(model, task: str, split: str, value: float) -> None:
-    """Log one evaluation of a tracked model to its run (nothing for an untracked model)."""
+    """Log one evaluation of a tracked model to its run (nothing for an untracked model). The evaluations
+    of one run, which come one after another, share one writer and so one event file."""
     run = getattr(model, _RUN, None)
     if run is None:
         return
+    folder, step = run
+    writer = _evaluation_writer(folder)
+    writer.add_scalar(f"eval/{split}/{task}", value, step)
+    writer.flush()
+
+
+_open_writer: list = []  # [(folder, SummaryWriter)] of the run evaluated last, or empty
+
+
+def _evaluation_writer(folder: Path):
+    """The open writer of ``folder``'s evaluations; another run's is closed first (one open at a time)."""
     from torch.utils.tensorboard import SummaryWriter
 
-    folder, step = run
-    with SummaryWriter(log_dir=str(folder)) as writer:
-        writer.add_scalar(f"eval/{split}/{task}", value, step)
+    if _open_writer and _open_writer[0][0] == folder:
+        return _open_writer[0][1]
+    close_evaluation_writer()
+    _open_writer.append((folder, SummaryWriter(log_dir=str(folder))))
+    return _open_writer[0][1]
+
+
+def close_evaluation_writer() -> None:
+    """Close the evaluation writer left open (also done when the interpreter exits)."""
+    while _open_writer:
+        _open_writer.pop()[1].close()
+
+
+atexit.register(close_evaluation_writer)
 
 
 def read_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:

@@ -78,14 +78,26 @@ def test_setup_cell_installs_the_course_next_to_an_existing_torch(tmp_path):
 COLAB_PYTHON = "3.12"  # Colab's runtime
 
 
+# lm-eval's dependencies published as source only; each builds into a pure-Python wheel (checked below),
+# so Colab installs them without a compiler
+PURE_PYTHON_SDISTS = ("sqlitedict==2.1.0", "word2number==1.1", "rouge-score==0.1.2")
+
+
 @pytest.mark.slow
 def test_the_install_set_resolves_for_colabs_python(tmp_path):
     """What the setup cell installs (this package and its pins) resolves for Colab's Python with
-    binary wheels only: pip's own resolver, without installing (network: the package index)."""
+    binary wheels only, but for the few pure-Python source packages of :data:`PURE_PYTHON_SDISTS`,
+    built here into ``py3-none-any`` wheels: pip's own resolver, without installing (network: the
+    package index)."""
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(wheels),
+                    *PURE_PYTHON_SDISTS], check=True, capture_output=True, timeout=600)
+    built = sorted(w.name for w in wheels.glob("*.whl"))
+    assert len(built) == len(PURE_PYTHON_SDISTS) and all(w.endswith("-py3-none-any.whl") for w in built), built
     report = tmp_path / "report.json"
     out = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--ignore-installed",
                           "--report", str(report), "--python-version", COLAB_PYTHON, "--only-binary=:all:",
-                          "--target", str(tmp_path / "target"), str(REPO_ROOT)],
+                          "--find-links", str(wheels), "--target", str(tmp_path / "target"), str(REPO_ROOT)],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     resolved = {i["metadata"]["name"].lower().replace("_", "-"): i["metadata"]["version"]

@@ -31,6 +31,9 @@ def test_a_tracked_run_logs_training_and_evaluation(tracked):
     assert [v for _, v in scalars["train/loss"]] == pytest.approx(run.loss_curve["loss"].tolist(), rel=1e-5)
     assert len(scalars["train/learning_rate"]) == 3 and len(scalars["train/grad_norm"]) == 3
     assert scalars["eval/validation/arithmetic"] == [(3, pytest.approx(accuracy))]
+    again = score(run.model, tokenizer, "arithmetic", profile, "test")  # a second evaluation of the same run
+    assert tracking.read_scalars(folder)["eval/test/arithmetic"] == [(3, pytest.approx(again))]
+    assert len(list(folder.glob("events.out.tfevents.*"))) == 2  # training's, and one for all its evaluations
 
     model, _ = load_model(profile)
     fine_tune(model, tokenizer, task_rows("arithmetic", "train")[:64], profile, steps=2,

@@ -119,6 +119,12 @@ def select_best(candidates: pd.DataFrame, by: str, group: str | None = None,
     return ordered.groupby(group, sort=False).head(1) if group else ordered.head(1)
 
 
+def reference_text(row: dict, task_format: str) -> str:
+    """The reference answer of a row: the ``completion`` of a completion task, the last (assistant)
+    turn of a chat task."""
+    return row["completion"] if task_format == "completion" else row["messages"][-1]["content"]
+
+
 def prompt_text(row: dict, tokenizer, task_format: str) -> str:
     """The text a model continues for a row: the chat prompt (all turns but the answer, plus the
     generation prompt) for chat tasks, the raw ``prompt`` for completion tasks."""
@@ -198,11 +204,10 @@ def evaluate_task(model, tokenizer, task: str, split: str = "test", n: int | Non
     generations = generate_detailed(model, tokenizer, prompts, spec.max_new_tokens, batch_size, progress,
                                     generation_config)
     completions = [g.text for g in generations]
-    references = [r["completion"] if spec.format == "completion" else r["messages"][-1]["content"] for r in rows]
     return pd.DataFrame({
         "id": [r["id"] for r in rows],
         "prompt": [r["messages"][0]["content"] if "messages" in r else r["prompt"] for r in rows],
-        "reference": references,
+        "reference": [reference_text(r, spec.format) for r in rows],
         "completion": completions,
         "correct": spec.score(rows, completions),
         "composition": [r.get("composition", "") for r in rows],

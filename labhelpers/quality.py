@@ -1,8 +1,8 @@
 """Response quality of a SQL model: what the answers look like, and what training and decoding change.
 
-:func:`sql_quality` scores one model (optionally under a decoding other than greedy) on four measures:
-execution accuracy, valid SQL, no chatter, and the answer's length in tokens, with the fraction of
-answers the model ended by itself. :func:`without_end_of_turn` builds the training data of the
+:func:`sql_quality` scores one model (optionally under a decoding other than greedy) on five measures:
+execution accuracy, valid SQL, no chatter, the answer's length in tokens, and the fraction of answers
+the model ended by itself. :func:`without_end_of_turn` builds the training data of the
 end-of-turn ablation, :func:`quality_table` and :func:`recommend` turn measured variants into a
 table and a choice made on the validation split, and :func:`side_by_side` shows a few answers of
 several models next to each other.
@@ -27,8 +27,8 @@ MEASURES = {"sql": "execution accuracy", "valid_sql": "fraction valid SQL", "no_
             "answer_tokens": "answer length (tokens)", "stopped": "fraction the model ended itself"}
 
 
-def sql_quality(model, tokenizer, profile: Profile, split: str = "test", generation_config=None,
-                ) -> tuple[dict[str, float], pd.DataFrame]:
+def sql_quality(model, tokenizer, profile: Profile, split: str = "test",
+                generation_config=None) -> tuple[dict[str, float], pd.DataFrame]:
     """Score ``model`` on the SQL task's ``split`` (the profile's evaluation slice) and measure its answers.
 
     Returns ``(measures, examples)``: ``sql`` (execution accuracy), ``valid_sql`` and ``no_chatter``

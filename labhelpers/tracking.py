@@ -86,24 +86,26 @@ def log_evaluation(model, task: str, split: str, value: float) -> None:
     writer.flush()
 
 
-_open_writer: list = []  # [(folder, SummaryWriter)] of the run evaluated last, or empty
+_evaluations = None  # (folder, SummaryWriter) of the run evaluated last, or None
 
 
 def _evaluation_writer(folder: Path):
     """The open writer of ``folder``'s evaluations; another run's is closed first (one open at a time)."""
+    global _evaluations
     from torch.utils.tensorboard import SummaryWriter
 
-    if _open_writer and _open_writer[0][0] == folder:
-        return _open_writer[0][1]
-    close_evaluation_writer()
-    _open_writer.append((folder, SummaryWriter(log_dir=str(folder))))
-    return _open_writer[0][1]
+    if _evaluations is None or _evaluations[0] != folder:
+        close_evaluation_writer()
+        _evaluations = (folder, SummaryWriter(log_dir=str(folder)))
+    return _evaluations[1]
 
 
 def close_evaluation_writer() -> None:
     """Close the evaluation writer left open (also done when the interpreter exits)."""
-    while _open_writer:
-        _open_writer.pop()[1].close()
+    global _evaluations
+    if _evaluations is not None:
+        _evaluations[1].close()
+        _evaluations = None
 
 
 atexit.register(close_evaluation_writer)

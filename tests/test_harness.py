@@ -7,7 +7,7 @@ import yaml
 
 from labhelpers import harness
 from labhelpers.paths import build_dir
-from labhelpers.tasks import TASKS, get_task
+from labhelpers.tasks import TASKS, get_task, load_split
 
 
 def _config(task: str) -> dict:
@@ -27,6 +27,9 @@ def test_each_task_config_matches_the_course_task(task):
 def test_the_task_manager_registers_the_course_tasks():
     manager = harness.task_manager()
     assert {harness.harness_task(t) for t in TASKS} <= set(manager.all_tasks)
+    for split in ("validation", "test"):  # the split reaches the dataset loader through the manager's metadata
+        [task] = harness.task_manager(split).load([harness.harness_task("sql")])["tasks"].values()
+        assert [doc["id"] for doc in task.test_docs()] == load_split("sql", split)["id"]
     with pytest.raises(KeyError, match="valid tasks"):
         harness.harness_task("poetry")
 

@@ -81,7 +81,7 @@ def evaluate_folder(folder: str | Path, profile: Profile, tasks: Sequence[str], 
         with _quiet():
             run = lm_eval.simple_evaluate(model=model, tasks=[harness_task(t) for t in chosen], task_manager=manager,
                                           limit=profile.n_eval, apply_chat_template=chat, log_samples=True,
-                                          bootstrap_iters=0, metadata={"split": split}, verbosity="ERROR")
+                                          bootstrap_iters=0, verbosity="ERROR")
         for task in chosen:
             name, metric = harness_task(task), METRICS[task]
             samples = sorted(run["samples"][name], key=lambda s: s["doc_id"])

@@ -5,6 +5,7 @@ answer the same way, tested)."""
 
 from __future__ import annotations
 
+from labhelpers.evaluation import reference_text
 from labhelpers.tasks import get_task, load_split
 
 
@@ -17,7 +18,7 @@ def dataset(task: str, split: str = "test", **_) -> dict:
 def prompt(doc: dict) -> str:
     """What the model continues: the user's turn of a chat row (the harness renders it with the
     tokenizer's chat template), or the raw prompt of a completion row."""
-    if "prompt" in doc and get_task(doc["task"]).format == "completion":
+    if get_task(doc["task"]).format == "completion":
         return doc["prompt"]
     *context, _answer = doc["messages"]
     if len(context) != 1 or context[0]["role"] != "user":
@@ -27,7 +28,7 @@ def prompt(doc: dict) -> str:
 
 def reference(doc: dict) -> str:
     """The reference answer of a row (shown in the harness's samples; the metric does not read it)."""
-    return doc["completion"] if get_task(doc["task"]).format == "completion" else doc["messages"][-1]["content"]
+    return reference_text(doc, get_task(doc["task"]).format)
 
 
 def _verdict(task: str, doc: dict, results: list[str]) -> float:

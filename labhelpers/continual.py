@@ -15,7 +15,7 @@ the pieces the lab compares:
   accuracy matrix; :func:`continual_metrics` derives average accuracy, backward transfer and forgetting
   (Lopez-Paz & Ranzato 2017; Chaudhry et al. 2018);
 * **domain-adaptive continued pretraining** on unlabeled domain text (:func:`domain_texts`,
-  Gururangan et al. 2020) and a learning-rate x LoRA-rank sweep across base sizes (:func:`lora_sweep`).
+  Gururangan et al. 2020).
 """
 
 from __future__ import annotations

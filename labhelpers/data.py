@@ -233,6 +233,25 @@ def tokenize_rows(rows: Iterable[dict], tokenizer, max_length: int) -> list[dict
     return out
 
 
+def training_dataset(rows, tokenizer, max_length: int):
+    """The ``datasets.Dataset`` that :func:`labhelpers.training.fine_tune` trains on.
+
+    A Dataset is kept as it is. Chat or completion rows of one format go to TRL as they are (only
+    their format's columns: chat rows train with ``assistant_only_loss``, completion rows with
+    ``completion_only_loss``); plain text and rows of several formats are tokenized first
+    (:func:`tokenize_rows`: the same masks, and long text is cut into pieces instead of truncated).
+    """
+    from datasets import Dataset
+
+    if isinstance(rows, Dataset):
+        return rows
+    formats = {row_format(row) for row in rows}
+    if formats in ({"chat"}, {"completion"}):
+        columns = FORMAT_COLUMNS[formats.pop()]
+        return Dataset.from_list([{c: row[c] for c in columns} for row in rows])
+    return Dataset.from_list(tokenize_rows(rows, tokenizer, max_length))
+
+
 @dataclass
 class LabelCheck:
     """Outcome of :func:`check_assistant_labels`: one row per conversation, ``passed`` when all match."""

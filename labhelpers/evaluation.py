@@ -62,13 +62,17 @@ def eval_size(task: str, profile: Profile, split: str = "test") -> int:
     return len(load_split(task, split, profile.n_eval))
 
 
-def with_intervals(table: pd.DataFrame, sizes: dict[str, int]) -> pd.DataFrame:
+def with_intervals(table: pd.DataFrame, sizes: dict[str, "int | Sequence[int]"]) -> pd.DataFrame:
     """Add ``<column> 95% low`` and ``<column> 95% high`` after each score column named in ``sizes``
-    (``{column: number of examples it averages over}``): the :func:`binomial_interval` of each row (a
-    row without a score, NaN, gets none)."""
+    (``{column: number of examples it averages over}``, one number for every row or one per row, as
+    when the rows score different tasks): the :func:`binomial_interval` of each row (a row without a
+    score, NaN, gets none)."""
     out = table.copy()
     for column, n in sizes.items():
-        bounds = [(math.nan, math.nan) if pd.isna(v) else score_interval(v, n) for v in out[column]]
+        ns = [n] * len(out) if isinstance(n, int) else list(n)
+        if len(ns) != len(out):
+            raise ValueError(f"{column!r}: {len(ns)} sizes for {len(out)} rows; give one size, or one per row")
+        bounds = [(math.nan, math.nan) if pd.isna(v) else score_interval(v, k) for v, k in zip(out[column], ns)]
         at = out.columns.get_loc(column) + 1
         out.insert(at, f"{column} 95% low", [lo for lo, _ in bounds])
         out.insert(at + 1, f"{column} 95% high", [hi for _, hi in bounds])

@@ -211,3 +211,20 @@ def levels_histogram(values, levels, title: str, xlabel: str):
     ax.set(title=title, xlabel=xlabel, ylabel="density (1 / unit of x)")
     fig.tight_layout()
     return fig
+
+
+def power_law(df: pd.DataFrame, x: str, y: str, group: str, fits: Mapping[str, tuple[float, float]], title: str,
+              xlabel: str, ylabel: str):
+    """Log-log scatter of ``y`` against ``x``, one colour per value of ``group``, each with its fitted
+    line ``y = a * x**b`` from ``fits`` (``{group value: (b, a)}``), the slope ``b`` in the legend."""
+    use_style()
+    fig, ax = plt.subplots()
+    for (name, part), color in zip(df.groupby(group, sort=False), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
+        ax.scatter(part[x], part[y], color=color, zorder=3)
+        b, a = fits[name]
+        span = np.geomspace(part[x].min(), part[x].max(), 50)
+        ax.plot(span, a * span ** b, color=color, label=f"{name}: slope {b:+.2f}")
+    ax.set(xscale="log", yscale="log", title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.legend()
+    fig.tight_layout()
+    return fig

@@ -22,8 +22,8 @@ from labhelpers.units import GiB
 class Profile:
     """Settings shared by every lab.
 
-    ``base_model`` and the entries of ``sweep_models`` are either a shipped size (``micro``, ``tiny``:
-    folders under ``data/``; ``small`` is built on demand) or a hub id, resolved by :func:`labhelpers.models.model_source`.
+    ``base_model`` and the entries of ``sweep_models`` are either a shipped size (``micro``, ``tiny``,
+    ``small``: folders under ``data/``) or a hub id, resolved by :func:`labhelpers.models.model_source`.
     ``n_eval`` caps each evaluated split (None: the whole split).
     """
 
@@ -52,6 +52,8 @@ class Profile:
     seeds: int = 1  # where a lab compares methods, how many seeds each trains with (seed, seed + 1, ...)
     device_memory_gib: float | None = None  # the GPU a profile is sized for (None: the machine's own memory)
     track: bool = True  # write training runs to the experiment tracker when one is set (labhelpers.tracking)
+    search_trials: int = 8  # Lab 2b: trials per hyperparameter study (one base size, one task), the defaults first
+    search_steps: int = 100  # Lab 2b: optimizer steps of each trial (pruned trials stop at half)
 
     def with_(self, **changes) -> "Profile":
         """A copy with some fields changed (profiles are frozen)."""
@@ -68,19 +70,21 @@ class Profile:
         (no effect is expected from them; the code path is what is rehearsed)."""
         return self.with_(name=f"{self.name}{REHEARSAL_SUFFIX}", device="cpu", max_steps=REHEARSAL_STEPS,
                           batch_size=2, gradient_accumulation_steps=1, max_seq_length=REHEARSAL_SEQ,
-                          n_eval=REHEARSAL_EVAL, eval_batch_size=8)
+                          n_eval=REHEARSAL_EVAL, eval_batch_size=8, search_trials=REHEARSAL_TRIALS,
+                          search_steps=REHEARSAL_STEPS)
 
 
 REHEARSAL_SUFFIX = "-rehearsal"
-REHEARSAL_STEPS, REHEARSAL_SEQ, REHEARSAL_EVAL = 2, 160, 8
+REHEARSAL_STEPS, REHEARSAL_SEQ, REHEARSAL_EVAL, REHEARSAL_TRIALS = 2, 160, 8, 3
 _ATTN_MLP = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 PROFILES: dict[str, Profile] = {
-    "ci": Profile(name="ci", base_model="tiny", large_model="tiny", sweep_models=("micro", "tiny"),
+    "ci": Profile(name="ci", base_model="tiny", large_model="tiny", sweep_models=("micro", "tiny", "small"),
                   device="cpu", dtype="float32", max_seq_length=160, batch_size=8,
                   gradient_accumulation_steps=1, max_steps=200, learning_rate=3e-3, full_ft_learning_rate=1e-3,
                   lora_r=4, lora_alpha=16, lora_dropout=0.0, target_modules=_ATTN_MLP,
-                  gradient_checkpointing=False, n_eval=100, eval_batch_size=100, fused_lm_head=False, track=False),
+                  gradient_checkpointing=False, n_eval=100, eval_batch_size=100, fused_lm_head=False, track=False,
+                  search_trials=4, search_steps=60),
     "t4": Profile(name="t4", base_model="Qwen/Qwen2.5-Coder-0.5B-Instruct",
                   large_model="codellama/CodeLlama-7b-Instruct-hf",
                   sweep_models=("Qwen/Qwen2.5-Coder-0.5B-Instruct", "Qwen/Qwen2.5-Coder-1.5B-Instruct"),
@@ -99,11 +103,13 @@ PROFILES: dict[str, Profile] = {
 }
 # ``cpu``: the ``ci`` settings with twice the batch, more steps and the whole evaluation splits (a
 # student's laptop). ``ci`` halves the batch: each lab still shows its effect, in about a third less time.
-PROFILES["cpu"] = PROFILES["ci"].with_(name="cpu", batch_size=16, max_steps=800, n_eval=None, seeds=3, track=True)
+PROFILES["cpu"] = PROFILES["ci"].with_(name="cpu", batch_size=16, max_steps=800, n_eval=None, seeds=3, track=True,
+                                       search_trials=8, search_steps=100)
 # ``smoke``: the fewest steps and examples that still execute every cell: the grading profile (instructors
 # autograde in it; the ``ci`` runs assert the effects of the same code path) and dry runs, never to show
 # a lab's results.
-PROFILES["smoke"] = PROFILES["ci"].with_(name="smoke", max_steps=4, n_eval=8, eval_batch_size=8)
+PROFILES["smoke"] = PROFILES["ci"].with_(name="smoke", max_steps=4, n_eval=8, eval_batch_size=8, search_trials=3,
+                                         search_steps=2)
 # ``<gpu profile>-rehearsal``: that profile's code path rehearsed on a CPU (Profile.rehearsal).
 PROFILES.update({p.name: p for p in [PROFILES["t4"].rehearsal(), PROFILES["gpu-24gb"].rehearsal()]})
 NAMES = (*PROFILES, "auto")

@@ -29,7 +29,7 @@ from transformers import PrinterCallback, Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
 from labhelpers import profiles, tracking
-from labhelpers.data import FORMAT_COLUMNS, row_format, sft_dataset, tokenize_rows
+from labhelpers.data import sft_dataset, training_dataset
 from labhelpers.memory import check_fits, measure_peak_memory
 from labhelpers.models import count_parameters, load_model, unwrap_peft
 from labhelpers.peft_methods import TrainingMethod, callbacks_for, default_learning_rate
@@ -333,35 +333,24 @@ def recipe_of(args) -> dict:
 
 
 def fine_tune(model, tokenizer, rows, profile: Profile, steps: int, learning_rate: float | None = None,
-              peft_config=None, loss_penalty=None, args=None):
-    """Fine-tune on ``rows`` (a list of rows, or a Dataset) for ``steps`` steps.
+              peft_config=None, loss_penalty=None, args=None, warmup_steps: float | None = None, callbacks=()):
+    """Fine-tune on ``rows`` (a list of rows, or a Dataset: :func:`labhelpers.data.training_dataset`)
+    for ``steps`` steps.
 
-    Chat or completion rows of one format go to TRL as they are (chat rows train with
-    ``assistant_only_loss``, completion rows with ``completion_only_loss``); plain text and rows of
-    several formats are tokenized first (:func:`labhelpers.data.tokenize_rows`: the same masks, and
-    long text is cut into pieces instead of truncated). Full fine-tuning uses the profile's
-    ``full_ft_learning_rate`` unless told otherwise, PEFT its ``learning_rate``
-    (:func:`labhelpers.peft_methods.default_learning_rate`). ``args``, an ``SFTConfig`` you built,
-    supplies the recipe (:data:`RECIPE_FIELDS`: learning rate, batch, accumulation, length, precision,
-    checkpointing, optimizer, loss mask, NEFTune noise); ``learning_rate`` still wins when given.
-    Returns the :class:`~labhelpers.training.TrainResult`.
+    Full fine-tuning uses the profile's ``full_ft_learning_rate`` unless told otherwise, PEFT its
+    ``learning_rate`` (:func:`labhelpers.peft_methods.default_learning_rate`). ``args``, an ``SFTConfig``
+    you built, supplies the recipe (:data:`RECIPE_FIELDS`: learning rate, batch, accumulation, length,
+    precision, checkpointing, optimizer, loss mask, NEFTune noise); ``learning_rate`` still wins when
+    given. ``warmup_steps`` (a count, or a fraction of ``steps`` below 1) defaults to 5% of the steps;
+    ``callbacks`` go to the Trainer. Returns the :class:`~labhelpers.training.TrainResult`.
     """
-    from datasets import Dataset
-
-    if isinstance(rows, Dataset):
-        dataset = rows
-    else:
-        formats = {row_format(row) for row in rows}
-        if formats in ({"chat"}, {"completion"}):
-            columns = FORMAT_COLUMNS[formats.pop()]
-            dataset = Dataset.from_list([{c: row[c] for c in columns} for row in rows])
-        else:
-            dataset = Dataset.from_list(tokenize_rows(rows, tokenizer, profile.max_seq_length))
+    dataset = training_dataset(rows, tokenizer, profile.max_seq_length)
     recipe = recipe_of(args) if args is not None else {}
     recipe_lr = recipe.pop("learning_rate", None)
     lr = learning_rate or recipe_lr or default_learning_rate(peft_config, profile)
     return train_sft(model, tokenizer, dataset, profile, peft_config=peft_config, loss_penalty=loss_penalty,
-                     **recipe, max_steps=steps, learning_rate=lr, warmup_steps=max(1, steps // 20))
+                     callbacks=callbacks, **recipe, max_steps=steps, learning_rate=lr,
+                     warmup_steps=max(1, steps // 20) if warmup_steps is None else warmup_steps)
 
 
 def main(argv: list[str] | None = None) -> int:

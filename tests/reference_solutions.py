@@ -3,6 +3,8 @@
 The correct implementations are the course's own solution cells, extracted from ``solutions/`` by
 ``grade_id`` (:mod:`shipped_solutions`) and re-exported here under the exercise names."""
 
+import math
+
 import torch
 
 from shipped_solutions import solution
@@ -84,3 +86,40 @@ def double_quantize_without_offset(absmax, blocksize):
 
     codes, absmax2 = quantize_blockwise_8bit(absmax, dynamic_map(), blocksize)
     return DoubleQuant(codes=codes, absmax2=absmax2, offset=0.0, blocksize=blocksize)
+
+# ---- Lab 2b
+median_should_prune = solution("lab2b_hyperparameters", "median_rule", "median_should_prune")
+
+
+def search_space_for(profile):
+    """The shipped ``search_space`` with the notebook names it reads (``profile``, ``hyperparameters``, ``optuna``)."""
+    import optuna
+
+    from labhelpers import hyperparameters
+
+    fn = solution("lab2b_hyperparameters", "search_space", "search_space")
+    fn.__globals__.update(profile=profile, hyperparameters=hyperparameters, optuna=optuna)
+    return fn
+
+
+def median_rule_on_last_value(values, completed, n_startup_trials, n_warmup_steps):
+    last = max(values)  # the latest value instead of the best so far
+    return median_should_prune({last: values[last]}, completed, n_startup_trials, n_warmup_steps)
+
+
+def median_rule_with_mean(values, completed, n_startup_trials, n_warmup_steps):
+    if not completed or len(completed) < n_startup_trials or max(values) < n_warmup_steps:
+        return False
+    reported = [v for v in values.values() if not math.isnan(v)]
+    at_step = [c[max(values)] for c in completed if max(values) in c and not math.isnan(c[max(values)])]
+    if not reported:
+        return True
+    return bool(at_step) and max(reported) < sum(at_step) / len(at_step)  # the mean, not the median
+
+
+def median_rule_without_startup(values, completed, n_startup_trials, n_warmup_steps):
+    return median_should_prune(values, completed, 0, n_warmup_steps)
+
+
+def median_rule_ignoring_warmup(values, completed, n_startup_trials, n_warmup_steps):
+    return median_should_prune(values, completed, n_startup_trials, 0)

@@ -187,19 +187,6 @@ def test_sql_format_report():
     assert report["no_chatter"].tolist() == [True, False, True, False]
 
 
-def test_best_settings_picks_the_top_score_per_model():
-    sweep = pd.DataFrame({"model": ["m", "m", "t", "t"], "params": [1, 1, 2, 2], "learning_rate": [1, 2, 1, 2],
-                          "r": [2, 2, 2, 2], "score": [0.5, 0.7, 0.9, 0.9], "final_loss": [1.0, 1.0, 0.5, 0.4],
-                          "split": "validation", "test_score": [0.9, 0.1, 0.9, 0.1]})
-    best = lab2.best_settings(sweep)
-    assert best["model"].tolist() == ["m", "t"] and best["learning_rate"].tolist() == [2, 2]
-    # the choice is the same whatever the test scores are: they are never read
-    scrambled = lab2.best_settings(sweep.assign(test_score=[0.0, 0.0, 1.0, 1.0])[::-1].reset_index(drop=True))
-    assert scrambled[["model", "learning_rate"]].equals(best[["model", "learning_rate"]])
-    with pytest.raises(ValueError, match="'validation' split"):
-        lab2.best_settings(sweep.assign(split="test"))
-
-
 def test_a_trained_model_can_be_copied():
     # TRL patches the trained model's forward with a closure over the original; a deepcopy (wise_ft)
     # would then run the original's weights. train_sft removes the patch.

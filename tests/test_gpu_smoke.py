@@ -31,4 +31,5 @@ def test_the_stand_in_profile_is_t4s_rehearsal_on_cuda():
         name=stand_ins.name, device="cuda")
     assert gpu_smoke.smoke_profile(dry_run=True, stand_ins=True).name == "smoke"
     full = gpu_smoke.smoke_profile(dry_run=False, stand_ins=True, full_size=True, name="gpu-24gb")
-    assert full == profiles.get("gpu-24gb").with_(name=full.name, max_steps=30, n_eval=32, eval_batch_size=32)
+    assert full == profiles.get("gpu-24gb").with_(name=full.name, max_steps=30, search_steps=30, n_eval=32,
+                                                       eval_batch_size=32)

@@ -230,9 +230,11 @@ def test_make_bench_notebooks(tmp_path):
 def test_make_gpu_smoke_dry_run_covers_every_lab(tmp_path):
     repo = make_in_scratch(tmp_path, {}, "gpu-smoke", "DRY_RUN=1")
     report = json.loads((repo / "build" / "gpu-smoke.json").read_text())
-    assert report["profile"] == "smoke" and set(report["labs"]) == {"lab1_peft", "lab2_domain", "lab3_merging", "lab4_memory"}
+    assert report["profile"] == "smoke" and set(report["labs"]) == {"lab1_peft", "lab2_domain", "lab2b_hyperparameters",
+                                                                    "lab3_merging", "lab4_memory"}
     assert set(report["labs"]["lab4_memory"]) >= {"full", "lora", "qlora+gc", "seconds"}
     assert 0 <= report["labs"]["lab3_merging"]["merged"]["code"] <= 1
+    assert report["labs"]["lab2b_hyperparameters"]["trials"] == 3
     labs = report["labs"]  # training throughput of every lab's runs (tokens/s, padding excluded)
     throughput = [labs["lab1_peft"][m]["tokens_per_sec"] for m in ("lora", "qlora")] + \
         [labs["lab2_domain"]["tokens_per_sec"], *labs["lab3_merging"]["tokens_per_sec"].values()] + \

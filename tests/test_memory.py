@@ -266,7 +266,7 @@ def test_every_labs_largest_step_fits_the_profiles_gpu(gpu):
 
     profile = profiles.get(gpu)
     plan = lab4.lab_plan(profile)
-    assert set(plan["lab"]) == {"lab1_peft", "lab2_domain", "lab3_merging", "lab4_memory"}
+    assert set(plan["lab"]) == {"lab1_peft", "lab2_domain", "lab2b_hyperparameters", "lab3_merging", "lab4_memory"}
     assert plan["fits"].all(), plan[~plan["fits"]].to_string()
     assert (plan["estimated peak (GB)"] <= lab4.HEADROOM * plan["GPU (GB)"]).all()
     assert profile.base_model.split("/")[-1].lower().startswith(plan["model"].iloc[0])

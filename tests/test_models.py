@@ -11,12 +11,13 @@ import torch
 
 from labhelpers import models
 from labhelpers.evaluation import evaluate_task, perplexity
+from labhelpers.models import MODEL_SIZES
 from labhelpers.paths import base_model_dir
 from labhelpers.tasks import read_jsonl
 from labhelpers.paths import data_dir
 
 
-SHIPPED_SIZES = ("micro", "tiny")  # Lab 2 sweeps both; `small` is built by `make base-model SIZE=small`
+SHIPPED_SIZES = tuple(MODEL_SIZES)  # every size is shipped (Lab 2b searches on all of them)
 
 
 @pytest.mark.parametrize("size", SHIPPED_SIZES)

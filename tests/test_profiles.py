@@ -61,7 +61,8 @@ def test_no_helper_branches_on_profile_name():
 
 def test_cpu_and_smoke_are_ci_with_a_few_fields_changed():
     ci = dataclasses.asdict(profiles.get("ci"))
-    for name, changed in (("cpu", {"name", "batch_size", "max_steps", "n_eval", "seeds", "track"}), ("smoke", {"name", "max_steps", "n_eval", "eval_batch_size"})):
+    for name, changed in (("cpu", {"name", "batch_size", "max_steps", "n_eval", "seeds", "track", "search_trials", "search_steps"}),
+                          ("smoke", {"name", "max_steps", "n_eval", "eval_batch_size", "search_trials", "search_steps"})):
         other = dataclasses.asdict(profiles.get(name))
         assert {k for k in ci if ci[k] != other[k]} == changed, name
 
@@ -71,6 +72,6 @@ def test_rehearsal_is_the_gpu_profile_with_only_device_and_counts_changed(gpu):
     real, rehearsed = dataclasses.asdict(profiles.get(gpu)), dataclasses.asdict(profiles.get(f"{gpu}-rehearsal"))
     assert {k for k in real if real[k] != rehearsed[k]} <= {
         "name", "device", "max_steps", "batch_size", "gradient_accumulation_steps", "max_seq_length", "n_eval",
-        "eval_batch_size"}
+        "eval_batch_size", "search_trials", "search_steps"}
     assert rehearsed["device"] == "cpu" and profiles.is_rehearsal(profiles.get(f"{gpu}-rehearsal"))
     assert not profiles.is_rehearsal(profiles.get(gpu))

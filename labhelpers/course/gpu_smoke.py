@@ -15,6 +15,7 @@ traceback and the next one still runs. ``--dry-run`` runs the very same code on 
 (the test suite does this), so the script cannot rot where no GPU is around.
 
 Core paths: Lab 1 LoRA and QLoRA on code; Lab 2 full fine-tuning on SQL and the forgetting probe;
+Lab 2b a three-trial search (TPE, median pruner) on the smallest base;
 Lab 3 two experts and their TIES merge; Lab 4 the measured step of full/LoRA/QLoRA next to the estimate.
 """
 
@@ -33,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from labhelpers import merging, profiles
+from labhelpers import hyperparameters, merging, profiles
 from labhelpers.course import rehearsal
 from labhelpers.continual import all_scores
 from labhelpers.labs import lab3, lab4
@@ -60,6 +61,22 @@ def smoke_lab2(profile) -> dict:
     return {"before": before, "after": after, "sec_per_step": run.sec_per_step, "tokens_per_sec": run.tokens_per_second}
 
 
+def smoke_lab2b(profile) -> dict:
+    """One in-memory study (TPE, median pruner) of three trials: the smallest base on SQL."""
+    import optuna
+
+    def new_study(model_name: str, task: str):
+        return optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=profile.seed),
+                                   pruner=optuna.pruners.MedianPruner(n_startup_trials=1))
+
+    smallest = profile.with_(sweep_models=profile.sweep_models[:1])
+    studies, _ = hyperparameters.run_studies(new_study, lambda t: hyperparameters.lora_search_space(t, profile),
+                                             smallest, ["sql"], profile.search_steps, n_trials=3)
+    trials = hyperparameters.trials_table(studies)
+    return {"trials": len(trials), "pruned": int((trials["state"] == "pruned").sum()),
+            "best_validation_sql": float(trials["score"].max()), "train_seconds": float(trials["train_seconds"].sum())}
+
+
 def smoke_lab3(profile, work: Path) -> dict:
     code, code_run = lab3.train_expert(["code"], profile, work / "code", profile.max_steps)
     sql, sql_run = lab3.train_expert(["sql"], profile, work / "sql", profile.max_steps)
@@ -82,7 +99,7 @@ def smoke_profile(dry_run: bool, stand_ins: bool = False, full_size: bool = Fals
     if stand_ins and not full_size:
         return profiles.get(name).rehearsal().with_(name=f"{name}-stand-ins", device="cuda")
     return profiles.get(name).with_(name=f"{name}-smoke{'-full-size-stand-ins' if full_size else ''}",
-                                    max_steps=30, n_eval=32, eval_batch_size=32)
+                                    max_steps=30, search_steps=30, n_eval=32, eval_batch_size=32)
 
 
 def run_unit_tests(root: Path | None = None) -> dict:
@@ -135,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unit tests: {report['unit_tests']}", flush=True)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="sftlabs-gpu-smoke-") as tmp:
-        for name, fn in (("lab1_peft", smoke_lab1), ("lab2_domain", smoke_lab2),
+        for name, fn in (("lab1_peft", smoke_lab1), ("lab2_domain", smoke_lab2), ("lab2b_hyperparameters", smoke_lab2b),
                          ("lab3_merging", lambda p: smoke_lab3(p, Path(tmp))), ("lab4_memory", smoke_lab4)):
             start = time.perf_counter()
             try:

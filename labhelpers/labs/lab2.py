@@ -1,6 +1,6 @@
 """Lab 2's experiments: the forgetting mitigations over seeds, full fine-tuning on a sequence of tasks
-(the accuracy matrix behind backward transfer and forgetting, with and without replay) and the LoRA
-sweep over base models, learning rates and ranks."""
+(the accuracy matrix behind backward transfer and forgetting, with and without replay), and the
+response-quality variants. (Lab 2b's hyperparameter search is :mod:`labhelpers.hyperparameters`.)"""
 
 from __future__ import annotations
 
@@ -11,9 +11,8 @@ import pandas as pd
 from torch import nn
 
 from labhelpers.continual import DOMAIN_TASK, GENERAL_TASK, all_scores, replay_mix, validation_scores
-from labhelpers.evaluation import SELECTION_SPLIT, mean_over_seeds, score, select_best
-from labhelpers.models import count_parameters, load_model
-from labhelpers.peft_methods import peft_config
+from labhelpers.evaluation import mean_over_seeds, score
+from labhelpers.models import load_model
 from labhelpers.profiles import Profile
 from labhelpers.tasks import task_rows
 from labhelpers.training import fine_tune
@@ -73,41 +72,6 @@ def continual_sequence(tasks: Sequence[str], profile: Profile, steps: int, repla
         matrix[f"after {task}"] = {t: score(model, tokenizer, t, profile) for t in tasks}
         seen += rows
     return pd.DataFrame(matrix).T[list(tasks)]
-
-
-def lora_sweep(models: Iterable[str], learning_rates: Iterable[float], ranks: Iterable[int], profile: Profile,
-               steps: int, task: str = DOMAIN_TASK) -> pd.DataFrame:
-    """LoRA on ``task`` for every (base model, learning rate, rank); one row per run.
-
-    ``alpha / r`` is held at the profile's ratio so that the rank changes capacity, not step size.
-    Columns: ``model``, ``params`` (base size), ``learning_rate``, ``r``, ``score`` (on the validation
-    split: what :func:`best_settings` chooses by), ``split``, ``test_score`` (reported for the chosen
-    runs only), ``final_loss``, ``train_seconds``.
-    """
-    rows = task_rows(task, "train")
-    ratio = profile.lora_alpha / profile.lora_r
-    records = []
-    for name in models:
-        _, tokenizer = load_model(profile, name)
-        data = replay_mix(rows, [], 0.0, tokenizer, profile.max_seq_length)
-        for lr in learning_rates:
-            for r in ranks:
-                model, _ = load_model(profile, name)
-                params = count_parameters(model)["total"]
-                run = fine_tune(model, tokenizer, data, profile, steps, learning_rate=lr,
-                                peft_config=peft_config("lora", profile, r=r, lora_alpha=ratio * r))
-                records.append({"model": name, "params": params, "learning_rate": lr, "r": r,
-                                "score": score(run.model, tokenizer, task, profile, SELECTION_SPLIT),
-                                "split": SELECTION_SPLIT, "test_score": score(run.model, tokenizer, task, profile),
-                                "final_loss": run.final_loss, "train_seconds": run.train_seconds})
-    return pd.DataFrame(records)
-
-
-def best_settings(sweep: pd.DataFrame) -> pd.DataFrame:
-    """The best run per base model: the highest validation ``score``, then the lowest final loss
-    (:func:`labhelpers.evaluation.select_best`; ``test_score`` is never read), smallest base first."""
-    chosen = select_best(sweep, "score", group="model", tie_breakers=[("final_loss", True)])
-    return chosen.sort_values("params", kind="stable").reset_index(drop=True)
 
 
 def train_variants(variants: Mapping[str, tuple[Sequence[dict], object]], profile: Profile, tokenizer, steps: int,

@@ -86,14 +86,15 @@ def lab_plan(profile) -> pd.DataFrame:
     """The largest training step of every lab in ``profile``, on the real architectures of its models
     (:func:`memory.hub_architecture`, not the rehearsal stand-ins): estimated peak GB and whether it
     fits the profile's GPU. Labs 1-3 train at the profile's batch and length (Lab 1 every method;
-    Lab 2 full fine-tuning of the base and a LoRA sweep over ``sweep_models``; Lab 3 full fine-tuning
+    Lab 2 full fine-tuning of the base; Lab 2b a LoRA run of each of ``sweep_models``; Lab 3 full fine-tuning
     of the experts; Lab 1 also QLoRA on ``large_model``); Lab 4's grids are :func:`grid_sizes`."""
     b, s, gc_suffix = profile.batch_size, profile.max_seq_length, "+gc" if profile.gradient_checkpointing else ""
     base = hub_architecture(profile.base_model)
     steps = [("lab1_peft", "every method (full is the largest)", base, "full" + gc_suffix, b, s),
              ("lab1_peft", "QLoRA on the large model", hub_architecture(profile.large_model), "qlora" + gc_suffix, b, s),
              ("lab2_domain", "full fine-tuning of the base", base, "full" + gc_suffix, b, s),
-             *[("lab2_domain", "LoRA sweep", hub_architecture(m), "lora" + gc_suffix, b, s) for m in profile.sweep_models],
+             *[("lab2b_hyperparameters", "LoRA search (one trial)", hub_architecture(m), "lora" + gc_suffix, b, s)
+               for m in profile.sweep_models],
              ("lab3_merging", "full fine-tuning of each expert", base, "full" + gc_suffix, b, s)]
     sizes = grid_sizes(profile, base)
     steps += [("lab4_memory", "breakdown grid", base, "full", max(sizes["breakdown"]["batch_sizes"]),

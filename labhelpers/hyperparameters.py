@@ -115,13 +115,14 @@ class LoraObjective:
     profile: Profile
     steps: int
     kept: dict[int, object] = field(default_factory=dict)
-    params: int = 0
+    params: int = field(default=0, init=False)  # the base's parameter count
     _best: float = field(default=-math.inf, repr=False)
 
     def __post_init__(self):
         if self.steps < 2:
             raise ValueError(f"a trial needs at least 2 steps (it reports half-way), got steps={self.steps}")
-        _, self.tokenizer = load_model(self.profile, self.model_name)
+        base, self.tokenizer = load_model(self.profile, self.model_name)
+        self.params = count_parameters(base)["total"]
         self.rows = task_rows(self.task, "train")
 
     def validation_score(self, model) -> float:
@@ -136,7 +137,6 @@ class LoraObjective:
             raise KeyError(f"the search space returned {sorted(settings)}; it must return {list(SEARCHED)} "
                            f"(missing: {sorted(missing)})")
         model, _ = load_model(self.profile, self.model_name)
-        self.params = count_parameters(model)["total"]
         r = int(settings["r"])
         lora = peft_config("lora", self.profile, r=r, lora_alpha=self.profile.lora_alpha / self.profile.lora_r * r)
         report = ValidationReport(trial, self.validation_score, at_step=self.steps // 2)

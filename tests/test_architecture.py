@@ -71,7 +71,7 @@ TESTED_ELSEWHERE = {
     "trainer_speedups": "test_training (loss equal to the model's, batches by length)",
     "course.bench": "test_make_targets (make bench QUICK=1)",
     "course.pretrain": "test_models (the shipped base, its manifest) and test_make_targets (make base-model)",
-    "labs.fsdp_demo": "test_memory (two ranks hold half the model states)",
+    "labs.sharding_demo": "test_memory (FSDP and DeepSpeed ZeRO ranks hold what the formulas say)",
     "labs.lab1": "test_peft_methods (compare_methods, guidance) and test_notebooks (Lab 1 in the ci profile)",
     "labs.lab2": "test_continual (sweep, best settings) and test_notebooks (Lab 2 in the ci profile)",
     "labs.lab3": "test_merging and test_notebooks (Lab 3 in the ci profile)",

@@ -1,5 +1,6 @@
 """Lab 4's memory accounting: the estimate agrees with the measurement, and the planner is sane."""
 
+import json
 import time
 import warnings
 
@@ -154,19 +155,69 @@ def test_accelerate_configs_load():
 
 
 @pytest.mark.slow
-def test_fsdp_two_processes_each_hold_half(tmp_path):
-    from labhelpers.labs import fsdp_demo
+def test_fsdp_and_deepspeed_zero_ranks_hold_what_the_formulas_say(tmp_path):
+    """Two processes on gloo: FSDP full sharding and DeepSpeed ZeRO-2 and ZeRO-3 through the shipped
+    accelerate configs. Each rank holds the bytes zero_per_gpu predicts for its stage (ZeRO-2 keeps
+    whole weights, ZeRO-3 halves them, DeepSpeed adds an fp32 master copy), and the three sharded runs
+    take the same data-parallel step."""
+    from labhelpers.labs import sharding_demo
 
-    single = fsdp_demo.launch(1, tmp_path / "one.json", profile="smoke", steps=2)  # same base model as ci
-    ranks = fsdp_demo.launch(2, tmp_path / "two.json", steps=2)
-    assert [r["rank"] for r in ranks] == [0, 1] and all(r["fsdp"] and r["world_size"] == 2 for r in ranks)
-    assert single[0]["profile"] == "smoke" and {r["profile"] for r in ranks} == {"ci"}  # the profile it is given
-    whole = single[0]["weights"] + single[0]["gradients"] + single[0]["optimizer"]
-    for r in ranks:
-        share = (r["weights"] + r["gradients"] + r["optimizer"]) / whole
-        assert 0.45 <= share <= 0.55, share
-        assert all(torch.isfinite(torch.tensor(r["losses"])))
-    assert sum(r["weights"] for r in ranks) == pytest.approx(single[0]["weights"], rel=0.01)
+    single = sharding_demo.launch(1, tmp_path / "one.json", profile="smoke", steps=2)  # same base model as ci
+    assert single[0]["profile"] == "smoke" and single[0]["sharding"] == "none"
+    whole = {part: single[0][part] for part in sharding_demo.PARTS}
+    assert whole == pytest.approx(sharding_demo.formula_bytes(single[0]), rel=1e-6)
+    runs = {name: sharding_demo.launch(2, tmp_path / f"{name}.json", config=config, steps=2)
+            for name, config in (("fsdp", sharding_demo.CPU_CONFIG), ("zero2", accelerate_config("deepspeed_zero2")),
+                                 ("zero3", accelerate_config("deepspeed_zero3")))}
+    for name, ranks in runs.items():
+        assert [r["rank"] for r in ranks] == [0, 1] and {r["world_size"] for r in ranks} == {2}, name
+        assert {r["profile"] for r in ranks} == {"ci"} and {r["mixed_precision"] for r in ranks} == {"no"}
+        for r in ranks:
+            expected = sharding_demo.formula_bytes(r)
+            for part in sharding_demo.PARTS:
+                assert r[part] == pytest.approx(expected[part], rel=0.01), (name, part)
+            assert all(torch.isfinite(torch.tensor(r["losses"])))
+    assert [(r["sharding"], r["zero_stage"]) for r in runs["fsdp"] + runs["zero2"] + runs["zero3"]] == (
+        [("fsdp", 3)] * 2 + [("deepspeed", 2)] * 2 + [("deepspeed", 3)] * 2)
+    assert runs["zero2"][0]["weights"] == whole["weights"]  # replicated
+    assert runs["zero3"][0]["weights"] == whole["weights"] / 2  # sharded
+    assert all(r["master"] == whole["weights"] / 2 for r in runs["zero2"] + runs["zero3"])  # fp32 master partition
+    assert sum(r["weights"] for r in runs["fsdp"]) == pytest.approx(whole["weights"], rel=0.01)
+    # same weights, same two batches, averaged gradients: every sharded run takes the same step
+    for name in ("zero2", "zero3"):
+        for ours, theirs in zip(runs[name], runs["fsdp"]):
+            assert ours["losses"] == pytest.approx(theirs["losses"], rel=1e-4), name
+    assert runs["fsdp"][0]["losses"][0] == pytest.approx(single[0]["losses"][0], rel=1e-5)
+
+
+def test_deepspeed_config_comes_from_accelerates_launch_settings(monkeypatch):
+    """What `accelerate launch` exports for deepspeed_zero3.yaml becomes the ZeRO stage, clipping and
+    precision of the DeepSpeed config, with the batch sizes filled in (no "auto" left)."""
+    from labhelpers.labs import sharding_demo
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "2")
+    monkeypatch.setenv("ACCELERATE_GRADIENT_CLIPPING", "1.0")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    config = sharding_demo.deepspeed_config(micro_batch=4, world_size=2)
+    assert config["zero_optimization"]["stage"] == 3 and config["bf16"]["enabled"] is True
+    assert config["train_micro_batch_size_per_gpu"] == 4 and config["train_batch_size"] == 4 * 2 * 2
+    assert config["gradient_clipping"] == 1.0 and "auto" not in json.dumps(config)
+
+
+def test_formula_bytes_names_each_runs_stage():
+    from labhelpers.labs.sharding_demo import formula_bytes
+
+    run = {"params": 1000, "world_size": 2, "bytes_per_weight": 4}
+    assert formula_bytes({**run, "sharding": "none", "zero_stage": 0}) == {"weights": 4000, "gradients": 4000,
+                                                                          "optimizer": 8000}
+    assert formula_bytes({**run, "sharding": "fsdp", "zero_stage": 3}) == {"weights": 2000, "gradients": 2000,
+                                                                          "optimizer": 4000}
+    assert formula_bytes({**run, "sharding": "deepspeed", "zero_stage": 2}) == {"weights": 4000, "gradients": 2000,
+                                                                               "optimizer": 6000}
+    assert formula_bytes({**run, "bytes_per_weight": 2, "sharding": "deepspeed", "zero_stage": 3}) == {
+        "weights": 1000, "gradients": 1000, "optimizer": 6000}
 
 
 def test_make_optimizer_builds_each_named_class_and_rejects_others():

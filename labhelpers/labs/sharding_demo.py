@@ -1,0 +1,241 @@
+"""Real sharded training of the shipped base model, launched with ``accelerate launch`` (Lab 4, part 6):
+FSDP full sharding, or DeepSpeed ZeRO stage 2 or 3, whichever the accelerate config names.
+
+    accelerate launch --config_file labhelpers/configs/accelerate/fsdp_cpu_2proc.yaml -m labhelpers.labs.sharding_demo --out out.json
+    accelerate launch --config_file labhelpers/configs/accelerate/deepspeed_zero3.yaml --num_processes 2 --mixed_precision no -m labhelpers.labs.sharding_demo --out out.json
+
+Each rank trains a few steps on its own micro-batch and reports the bytes *it* holds of weights,
+gradients and optimizer states (its local shards); rank 0 writes them all to ``--out``.
+
+On a CPU (gloo), accelerate applies neither plugin: its FSDP plugin does not shard, and its state sets
+DeepSpeed up only on an accelerator (``accelerate.state.PartialState`` starts DeepSpeed's communication
+only when ``cpu`` is false and a GPU backend was found). So this script reads the same settings from the
+environment ``accelerate launch`` sets from the config and applies them itself: torch's ``fully_shard``
+on each decoder layer, or ``deepspeed.initialize`` with the config's ZeRO stage (DeepSpeed's CPU
+accelerator falls back to gloo).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch.distributed.fsdp import fully_shard
+
+from labhelpers import profiles
+from labhelpers.memory import make_batch, zero_per_gpu
+from labhelpers.models import load_model
+from labhelpers.paths import accelerate_config
+from labhelpers.units import MiB
+
+CPU_CONFIG = accelerate_config("fsdp_cpu_2proc")
+PARTS = ("weights", "gradients", "optimizer")
+
+
+def local_bytes(tensors) -> int:
+    """Bytes of this rank's part of each tensor (the local shard of a DTensor); None entries count 0."""
+    total = 0
+    for t in tensors:
+        if t is None:
+            continue
+        local = t.to_local() if hasattr(t, "to_local") else t
+        total += local.numel() * local.element_size()
+    return total
+
+
+def launch(num_processes: int, out: Path, profile: str = "ci", config: Path = CPU_CONFIG, timeout_s: float = 300,
+           **options) -> list[dict]:
+    """Run this demo on ``profile``'s base model in ``num_processes`` processes (1: plain Python, no
+    sharding; more: ``accelerate launch`` with ``config``, its process count replaced by ``num_processes``
+    and, without a GPU, its mixed precision by ``no``) and return each rank's report. ``options``:
+    ``steps``, ``batch_size``, ``seq_len``. Raises RuntimeError with the launcher's output when the run fails."""
+    if num_processes < 1:
+        raise ValueError(f"num_processes must be >= 1, got {num_processes}")
+    out = Path(out)
+    out.unlink(missing_ok=True)
+    flags = [f"--profile={profile}", *(f"--{k.replace('_', '-')}={v}" for k, v in options.items())]
+    module = ["-m", "labhelpers.labs.sharding_demo", "--out", str(out), *flags]
+    if num_processes == 1:
+        command = [sys.executable, *module]
+    else:
+        precision = [] if torch.cuda.is_available() else ["--mixed_precision", "no"]  # bf16 is a GPU setting
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+                   "--num_processes", str(num_processes), *precision, *module]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, env=env)
+    if done.returncode != 0 or not out.exists():
+        raise RuntimeError(f"the {num_processes}-process run failed (exit {done.returncode}):\n{done.stdout[-2000:]}"
+                           f"\n{done.stderr[-4000:]}")
+    return json.loads(out.read_text())
+
+
+def formula_bytes(report: dict) -> dict[str, float]:
+    """What :func:`labhelpers.memory.zero_per_gpu` predicts for one rank of ``report``'s run: FSDP full
+    sharding is stage 3 with AdamW's two moments (8 bytes per parameter, no master copy when the weights
+    are fp32); DeepSpeed's ZeRO keeps an fp32 master copy besides the moments (K = 12) whatever the
+    weights' dtype; one process is stage 0."""
+    stage = report["zero_stage"] if report["sharding"] != "none" else 0
+    optimizer = 12 if report["sharding"] == "deepspeed" else 8
+    width = report["bytes_per_weight"]
+    return zero_per_gpu(report["params"], report["world_size"], stage, weight_bytes=width, grad_bytes=width,
+                        optimizer_bytes=optimizer)
+
+
+def rank_table(single: list[dict], runs: dict[str, list[dict]]) -> pd.DataFrame:
+    """One row per rank of the one-process run and of each named sharded run: the MiB it held of each
+    part beside :func:`formula_bytes`'s prediction, the largest gap between them (%), and its share of
+    what the one process held."""
+    whole = sum(single[0][part] for part in PARTS)
+    rows = []
+    for name, ranks in {"one process": single, **runs}.items():
+        for r in ranks:
+            expected = formula_bytes(r)
+            row = {"run": name, "rank": r["rank"], "processes": r["world_size"], "ZeRO stage": r["zero_stage"]}
+            row |= {f"{part} (MiB)": r[part] / MiB for part in PARTS}
+            row |= {f"{part}, formula (MiB)": expected[part] / MiB for part in PARTS}
+            row["largest gap to formula (%)"] = max(100 * abs(r[p] - expected[p]) / expected[p] for p in PARTS)
+            row["share of one process"] = sum(r[part] for part in PARTS) / whole
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def shard_layers(model, reshard_after_forward: bool = True) -> None:
+    """FSDP2 full sharding as accelerate's TRANSFORMER_BASED_WRAP does it: each decoder layer, then the
+    root (embeddings, final norm, head). Each rank keeps 1/world_size of every parameter."""
+    for layer in model.model.layers:
+        fully_shard(layer, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, reshard_after_forward=reshard_after_forward)
+
+
+def deepspeed_config(micro_batch: int, world_size: int) -> dict:
+    """The DeepSpeed config ``accelerate launch`` set up from the accelerate config (its ZeRO stage,
+    offload devices, clipping, mixed precision), read through accelerate's own ``DeepSpeedPlugin``, with
+    the batch sizes accelerate would fill in for its ``auto`` entries."""
+    from accelerate.utils import DeepSpeedPlugin
+
+    plugin = DeepSpeedPlugin()
+    plugin.set_mixed_precision(os.environ.get("ACCELERATE_MIXED_PRECISION", "no"))
+    config = json.loads(json.dumps(plugin.deepspeed_config, default=str))
+    config["zero_optimization"] = {k: v for k, v in config["zero_optimization"].items() if v != "auto"}
+    accumulation = config.get("gradient_accumulation_steps", 1)
+    config.update(train_micro_batch_size_per_gpu=micro_batch,
+                  train_batch_size=micro_batch * accumulation * world_size)
+    return {k: v for k, v in config.items() if v != "auto"}
+
+
+class _DeepSpeedRun:
+    """A model trained by ``deepspeed.initialize``; the bytes each rank holds read from its ZeRO optimizer."""
+
+    def __init__(self, model, micro_batch: int):
+        import deepspeed
+
+        deepspeed.init_distributed()  # gloo through DeepSpeed's CPU accelerator; NCCL on GPUs
+        self.config = deepspeed_config(micro_batch, torch.distributed.get_world_size())
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.config)
+        self.stage = self.engine.zero_optimization_stage()
+
+    def step(self, batch) -> tuple[float, int]:
+        loss = self.engine(**{k: v.to(self.engine.device) for k, v in batch.items()}).loss
+        self.engine.backward(loss)
+        grads = self.optimizer.averaged_gradients  # this rank's reduced gradient partition
+        held = local_bytes(g for group in (grads.values() if isinstance(grads, dict) else grads) for g in group or [])
+        self.engine.step()
+        return float(loss.detach()), held
+
+    def held(self) -> dict:
+        """Weights (the local ``ds_tensor`` of a ZeRO-3 parameter, else the whole tensor), the fp32 master
+        partition and the inner optimizer's moments."""
+        master = getattr(self.optimizer, "single_partition_of_fp32_groups", None)
+        if master is None:
+            master = self.optimizer.fp32_partitioned_groups_flat
+        params = list(self.engine.module.parameters())
+        moments = [v for s in self.optimizer.optimizer.state.values() for v in s.values()
+                   if torch.is_tensor(v) and v.dim() > 0]
+        local = [getattr(p, "ds_tensor", p) for p in params]
+        return {"weights": local_bytes(local), "bytes_per_weight": local[0].element_size(),
+                "master": local_bytes(master), "moments": local_bytes(moments)}
+
+
+def main(argv=None) -> dict:
+    from accelerate import Accelerator
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--profile", default="ci", help="whose base model to shard (a profile name)")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=64)
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(1)  # two processes on two cores
+    on_cpu = not torch.cuda.is_available()
+    profile = profiles.get(args.profile)
+    model, _ = load_model(profile)
+    model.config.use_cache = False
+    bytes_per_weight = next(model.parameters()).element_size()
+    params = sum(p.numel() for p in model.parameters())
+    losses, grads = [], 0
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false") == "true":
+        run = _DeepSpeedRun(model, args.batch_size)
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        batch = make_batch(model.config.vocab_size, args.batch_size, args.seq_len, seed=rank)
+        for _ in range(args.steps):
+            loss, grads = run.step(batch)
+            losses.append(loss)
+        held = run.held()
+        report = {"sharding": "deepspeed", "zero_stage": run.stage, "weights": held["weights"], "gradients": grads,
+                  "optimizer": held["master"] + held["moments"], "master": held["master"],
+                  "bytes_per_weight": held["bytes_per_weight"],
+                  "mixed_precision": "bf16" if run.config.get("bf16", {}).get("enabled") else "no"}
+        finish = torch.distributed.barrier
+    else:
+        accelerator = Accelerator(cpu=on_cpu)
+        rank, world = accelerator.process_index, accelerator.num_processes
+        sharded = world > 1 and os.environ.get("ACCELERATE_USE_FSDP", "false") == "true"
+        if sharded and on_cpu:
+            shard_layers(model, reshard_after_forward=os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true") == "true")
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        if not (sharded and on_cpu):  # a sharded model is already distributed; prepare would wrap it in DDP
+            model, optimizer = accelerator.prepare(model, optimizer)
+        batch = make_batch(model.config.vocab_size, args.batch_size, args.seq_len, seed=rank)
+        for _ in range(args.steps):
+            loss = model(**batch).loss
+            accelerator.backward(loss)
+            grads = local_bytes(p.grad for p in model.parameters())
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(float(loss.detach()))
+        states = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
+        report = {"sharding": "fsdp" if sharded else "none", "zero_stage": 3 if sharded else 0,
+                  "weights": local_bytes(model.parameters()), "gradients": grads, "optimizer": local_bytes(states),
+                  "master": 0, "mixed_precision": accelerator.mixed_precision}
+        finish = accelerator.wait_for_everyone
+    report = {"rank": rank, "world_size": world, "profile": profile.name, "params": params,
+              "bytes_per_weight": bytes_per_weight, **report, "fsdp": report["sharding"] == "fsdp", "losses": losses}
+    reports = [None] * world
+    if world > 1:
+        torch.distributed.all_gather_object(reports, report)
+    else:
+        reports = [report]
+    if rank == 0:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(reports, indent=2) + "\n")
+    finish()
+    return report
+
+
+if __name__ == "__main__":
+    main()
+    # Leave without running C++ static destructors: with gloo, one of torch's worker threads can still
+    # be joinable when they run, and the process then aborts ("terminate called without an active
+    # exception", about 1 run in 6 on 2 cores) after its work is done and reported.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -30,3 +30,8 @@ class _DropMessage(_logging.Filter):
 # instead and results are unchanged (STACK.md), so students do not see it; other warnings still pass.
 _logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
     _DropMessage("Failed to load CPU gemm_4bit_forward from kernels-community"))
+
+# Without a GPU, the first training run imports deepspeed (accelerate's model unwrapping checks for its
+# engine) and DeepSpeed announces that it falls back to the CPU, in the middle of the cell's output. On a
+# CPU that is the expected case, so students do not see it; every other DeepSpeed message still passes.
+_logging.getLogger("DeepSpeed").addFilter(_DropMessage("Setting accelerator to CPU"))

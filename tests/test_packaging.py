@@ -68,6 +68,21 @@ def test_bitsandbytes_hub_kernel_notice_is_dropped_and_other_warnings_pass(caplo
     assert [r.getMessage() for r in caplog.records] == ["something else went wrong"]
 
 
+def test_deepspeed_cpu_fallback_notice_is_dropped_and_other_messages_pass():
+    # the first training run on a CPU imports deepspeed, which logs this (to stdout, its own handler)
+    import logging
+
+    import labhelpers  # noqa: F401  (installs the filter)
+
+    logger = logging.getLogger("DeepSpeed")
+
+    def passes(message: str) -> bool:
+        return bool(logger.filter(logging.LogRecord("DeepSpeed", logging.WARNING, __file__, 0, message, None, None)))
+
+    assert not passes("Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it.")
+    assert passes("something else went wrong")
+
+
 def test_accelerate_and_harness_configs_ship_inside_the_package(tmp_path):
     # a non-editable install (Colab installs a wheel) must find them: build the wheel and look inside
     import shutil

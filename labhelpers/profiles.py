@@ -10,8 +10,9 @@ and ``cpu`` otherwise.
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass, replace
+from dataclasses import MISSING, dataclass, fields, replace
 
 import torch
 
@@ -141,3 +142,17 @@ def get(name: str = "auto") -> Profile:
         if name not in PROFILES:
             raise ValueError(f"SFTLABS_PROFILE={name!r} is not a profile; valid: {', '.join(PROFILES)}")
     return PROFILES[name]
+
+
+def from_json(text: str) -> Profile:
+    """A profile from its fields as JSON (``json.dumps(dataclasses.asdict(profile))``): how a derived
+    profile, which has no name in :data:`PROFILES`, reaches a child process. Lists become the tuples
+    the fields hold; an unknown or missing field raises ValueError naming it."""
+    given = json.loads(text)
+    names = {f.name for f in fields(Profile)}
+    required = {f.name for f in fields(Profile) if f.default is MISSING and f.default_factory is MISSING}
+    if unknown := sorted(set(given) - names):
+        raise ValueError(f"not profile fields: {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
+    if missing := sorted(required - set(given)):
+        raise ValueError(f"profile fields missing: {', '.join(missing)}")
+    return Profile(**{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()})

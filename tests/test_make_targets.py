@@ -232,7 +232,11 @@ def test_make_gpu_smoke_dry_run_covers_every_lab(tmp_path):
     report = json.loads((repo / "build" / "gpu-smoke.json").read_text())
     assert report["profile"] == "smoke" and set(report["labs"]) == {"lab1_peft", "lab2_domain", "lab2b_hyperparameters",
                                                                     "lab3_merging", "lab4_memory"}
-    assert set(report["labs"]["lab4_memory"]) >= {"full", "lora", "qlora+gc", "seconds"}
+    assert set(report["labs"]["lab4_memory"]) >= {"full", "lora", "qlora+gc", "zero_offload", "seconds"}
+    offload = report["labs"]["lab4_memory"]["zero_offload"]  # ZeRO-2 in one process; on a CPU both stay there
+    assert offload["offloaded"]["optimizer_device"] == "cpu" and offload["offloaded"]["device_peak_mib"] is None
+    assert offload["offloaded"]["optimizer"] == offload["on device"]["optimizer"] > 0
+    assert offload["offloaded"]["losses"] == pytest.approx(offload["on device"]["losses"], rel=1e-5)
     assert 0 <= report["labs"]["lab3_merging"]["merged"]["code"] <= 1
     assert report["labs"]["lab2b_hyperparameters"]["trials"] == 3
     labs = report["labs"]  # training throughput of every lab's runs (tokens/s, padding excluded)

@@ -206,6 +206,18 @@ def test_deepspeed_config_comes_from_accelerates_launch_settings(monkeypatch):
     assert config["gradient_clipping"] == 1.0 and "auto" not in json.dumps(config)
 
 
+def test_launch_takes_the_mixed_precision_of_the_profile_and_refuses_offload_without_deepspeed(tmp_path, monkeypatch):
+    from labhelpers.labs import sharding_demo
+
+    assert sharding_demo.mixed_precision(profiles.get("ci")) == "no"
+    assert sharding_demo.mixed_precision(profiles.get("t4-rehearsal")) == "no"  # a GPU profile rehearsed on the CPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert sharding_demo.mixed_precision(profiles.get("t4")) == "fp16"  # a T4 has no bf16
+    assert sharding_demo.mixed_precision(profiles.get("gpu-24gb")) == "bf16"
+    with pytest.raises(ValueError, match="offload_optimizer is a DeepSpeed setting"):
+        sharding_demo.launch(2, tmp_path / "out.json", offload_optimizer=True)
+
+
 def test_formula_bytes_names_each_runs_stage():
     from labhelpers.labs.sharding_demo import formula_bytes
 

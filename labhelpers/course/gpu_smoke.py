@@ -16,7 +16,8 @@ traceback and the next one still runs. ``--dry-run`` runs the very same code on 
 
 Core paths: Lab 1 LoRA and QLoRA on code; Lab 2 full fine-tuning on SQL and the forgetting probe;
 Lab 2b a three-trial search (TPE, median pruner) on the smallest base;
-Lab 3 two experts and their TIES merge; Lab 4 the measured step of full/LoRA/QLoRA next to the estimate.
+Lab 3 two experts and their TIES merge; Lab 4 the measured step of full/LoRA/QLoRA next to the estimate,
+and DeepSpeed ZeRO-2 with its optimizer states on the GPU and offloaded to the CPU (ZeRO-Offload).
 """
 
 from __future__ import annotations
@@ -37,11 +38,11 @@ import torch
 from labhelpers import hyperparameters, merging, profiles
 from labhelpers.course import rehearsal
 from labhelpers.continual import all_scores
-from labhelpers.labs import lab3, lab4
+from labhelpers.labs import lab3, lab4, sharding_demo
 from labhelpers.labs.lab1 import compare_methods
 from labhelpers.memory import measure_peak_memory
 from labhelpers.models import load_model
-from labhelpers.paths import REPO_ROOT, build_dir
+from labhelpers.paths import REPO_ROOT, accelerate_config, build_dir
 from labhelpers.tasks import task_rows
 from labhelpers.training import fine_tune
 
@@ -86,9 +87,24 @@ def smoke_lab3(profile, work: Path) -> dict:
             "merge_seconds": report.seconds, "merged": lab3.score_folder(report.folder, profile)}
 
 
-def smoke_lab4(profile) -> dict:
+def smoke_lab4(profile, work: Path) -> dict:
     table = lab4.measured_vs_estimated(profile, ("full", "lora", "qlora+gc"))
-    return {row.pop("method"): row for row in table.to_dict("records")}
+    return {**{row.pop("method"): row for row in table.to_dict("records")}, "zero_offload": zero_offload(profile, work)}
+
+
+def zero_offload(profile, work: Path) -> dict:
+    """DeepSpeed ZeRO-2 of the profile's base model in one process through ``accelerate launch``, its
+    optimizer states (fp32 master copy and moments) kept on the device, then offloaded to the CPU
+    (ZeRO-Offload): where they lived, the bytes of each part and the device's peak (CUDA's
+    ``max_memory_allocated``; None on a CPU, where a dry run only checks the code path)."""
+    runs = {}
+    for offload in (False, True):
+        [rank] = sharding_demo.launch(1, work / f"zero2-offload-{offload}.json", profile,
+                                      config=accelerate_config("deepspeed_zero2"), offload_optimizer=offload,
+                                      steps=3, batch_size=profile.batch_size, seq_len=profile.max_seq_length)
+        runs["offloaded" if offload else "on device"] = {k: rank[k] for k in (
+            "optimizer_device", "device_peak_mib", "weights", "gradients", "optimizer", "mixed_precision", "losses")}
+    return runs
 
 
 def smoke_profile(dry_run: bool, stand_ins: bool = False, full_size: bool = False, name: str = "t4"):
@@ -153,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="sftlabs-gpu-smoke-") as tmp:
         for name, fn in (("lab1_peft", smoke_lab1), ("lab2_domain", smoke_lab2), ("lab2b_hyperparameters", smoke_lab2b),
-                         ("lab3_merging", lambda p: smoke_lab3(p, Path(tmp))), ("lab4_memory", smoke_lab4)):
+                         ("lab3_merging", lambda p: smoke_lab3(p, Path(tmp))), ("lab4_memory", lambda p: smoke_lab4(p, Path(tmp)))):
             start = time.perf_counter()
             try:
                 with measure_peak_memory(profile.device) as peak:  # CUDA: max_memory_allocated; CPU: resident set

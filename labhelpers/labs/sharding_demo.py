@@ -18,6 +18,7 @@ accelerator falls back to gloo).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -49,24 +50,43 @@ def local_bytes(tensors) -> int:
     return total
 
 
-def launch(num_processes: int, out: Path, profile: str = "ci", config: Path = CPU_CONFIG, timeout_s: float = 300,
-           **options) -> list[dict]:
-    """Run this demo on ``profile``'s base model in ``num_processes`` processes (1: plain Python, no
-    sharding; more: ``accelerate launch`` with ``config``, its process count replaced by ``num_processes``
-    and, without a GPU, its mixed precision by ``no``) and return each rank's report. ``options``:
-    ``steps``, ``batch_size``, ``seq_len``. Raises RuntimeError with the launcher's output when the run fails."""
+MIXED_PRECISION = {"float16": "fp16", "bfloat16": "bf16"}  # a profile's dtype -> accelerate's mixed_precision
+
+
+def mixed_precision(profile: profiles.Profile) -> str:
+    """accelerate's ``mixed_precision`` for ``profile``: its dtype's on a GPU, ``no`` on a CPU (the
+    rehearsal of a GPU profile included: DeepSpeed's half-precision optimizers are a GPU path)."""
+    on_gpu = profile.device == "cuda" and torch.cuda.is_available()
+    return MIXED_PRECISION.get(profile.dtype, "no") if on_gpu else "no"
+
+
+def launch(num_processes: int, out: Path, profile: str | profiles.Profile = "ci", config: Path | None = None,
+           timeout_s: float = 300, offload_optimizer: bool = False, **options) -> list[dict]:
+    """Run this demo on ``profile``'s base model (a profile or its name) in ``num_processes`` processes and
+    return each rank's report. Without ``config``, one process is plain Python (no sharding) and more are
+    FSDP (:data:`CPU_CONFIG`); with one, ``accelerate launch`` runs it, its process count replaced by
+    ``num_processes`` and its mixed precision by :func:`mixed_precision`. ``offload_optimizer`` moves a
+    DeepSpeed run's optimizer states to the CPU (ZeRO-Offload). ``options``: ``steps``, ``batch_size``,
+    ``seq_len``. Raises RuntimeError with the launcher's output when the run fails."""
     if num_processes < 1:
         raise ValueError(f"num_processes must be >= 1, got {num_processes}")
+    if config is None and num_processes > 1:
+        config = CPU_CONFIG
+    if offload_optimizer and (config is None or "deepspeed" not in Path(config).stem):
+        raise ValueError(f"offload_optimizer is a DeepSpeed setting; pass a deepspeed config, not {config}")
     out = Path(out)
     out.unlink(missing_ok=True)
-    flags = [f"--profile={profile}", *(f"--{k.replace('_', '-')}={v}" for k, v in options.items())]
+    profile = profiles.get(profile) if isinstance(profile, str) else profile
+    flags = [f"--profile={json.dumps(dataclasses.asdict(profile))}",
+             *(f"--{k.replace('_', '-')}={v}" for k, v in options.items())]
     module = ["-m", "labhelpers.labs.sharding_demo", "--out", str(out), *flags]
-    if num_processes == 1:
+    if config is None:
         command = [sys.executable, *module]
     else:
-        precision = [] if torch.cuda.is_available() else ["--mixed_precision", "no"]  # bf16 is a GPU setting
+        precision = ["--mixed_precision", mixed_precision(profile)]
+        offload = ["--offload_optimizer_device", "cpu"] if offload_optimizer else []
         command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-                   "--num_processes", str(num_processes), *precision, *module]
+                   "--num_processes", str(num_processes), *precision, *offload, *module]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, env=env)
     if done.returncode != 0 or not out.exists():
@@ -126,6 +146,9 @@ def deepspeed_config(micro_batch: int, world_size: int) -> dict:
     accumulation = config.get("gradient_accumulation_steps", 1)
     config.update(train_micro_batch_size_per_gpu=micro_batch,
                   train_batch_size=micro_batch * accumulation * world_size)
+    if config["zero_optimization"].get("offload_optimizer", {}).get("device") == "cpu":
+        # ZeRO-Offload with torch's AdamW stepping on the CPU (DeepSpeedCPUAdam would need a compiled op)
+        config["zero_force_ds_cpu_optimizer"] = False
     return {k: v for k, v in config.items() if v != "auto"}
 
 
@@ -146,21 +169,27 @@ class _DeepSpeedRun:
         self.engine.backward(loss)
         grads = self.optimizer.averaged_gradients  # this rank's reduced gradient partition
         held = local_bytes(g for group in (grads.values() if isinstance(grads, dict) else grads) for g in group or [])
+        if not held:  # ZeRO-Offload reduces straight into the fp32 master partition's .grad, on the CPU
+            held = local_bytes(m.grad for m in self._master())
         self.engine.step()
         return float(loss.detach()), held
+
+    def _master(self) -> list:
+        """The fp32 master partitions of this rank (ZeRO-1/2, then ZeRO-3 naming)."""
+        master = getattr(self.optimizer, "single_partition_of_fp32_groups", None)
+        return master if master is not None else self.optimizer.fp32_partitioned_groups_flat
 
     def held(self) -> dict:
         """Weights (the local ``ds_tensor`` of a ZeRO-3 parameter, else the whole tensor), the fp32 master
         partition and the inner optimizer's moments."""
-        master = getattr(self.optimizer, "single_partition_of_fp32_groups", None)
-        if master is None:
-            master = self.optimizer.fp32_partitioned_groups_flat
+        master = self._master()
         params = list(self.engine.module.parameters())
         moments = [v for s in self.optimizer.optimizer.state.values() for v in s.values()
                    if torch.is_tensor(v) and v.dim() > 0]
         local = [getattr(p, "ds_tensor", p) for p in params]
         return {"weights": local_bytes(local), "bytes_per_weight": local[0].element_size(),
-                "master": local_bytes(master), "moments": local_bytes(moments)}
+                "master": local_bytes(master), "moments": local_bytes(moments),
+                "optimizer_device": str(master[0].device)}
 
 
 def main(argv=None) -> dict:
@@ -168,7 +197,7 @@ def main(argv=None) -> dict:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--profile", default="ci", help="whose base model to shard (a profile name)")
+    parser.add_argument("--profile", default="ci", help="whose base model to shard: a profile's name or its fields as JSON")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=64)
@@ -176,8 +205,11 @@ def main(argv=None) -> dict:
 
     torch.set_num_threads(1)  # two processes on two cores
     on_cpu = not torch.cuda.is_available()
-    profile = profiles.get(args.profile)
+    profile = profiles.from_json(args.profile) if args.profile.startswith("{") else profiles.get(args.profile)
     model, _ = load_model(profile)
+    # fp32 weights, as every full fine-tuning run of the course keeps them (a half-precision profile
+    # trains under autocast); DeepSpeed's fp16/bf16 modes make their own half copy from these
+    model = model.float()
     model.config.use_cache = False
     bytes_per_weight = next(model.parameters()).element_size()
     params = sum(p.numel() for p in model.parameters())
@@ -192,7 +224,7 @@ def main(argv=None) -> dict:
         held = run.held()
         report = {"sharding": "deepspeed", "zero_stage": run.stage, "weights": held["weights"], "gradients": grads,
                   "optimizer": held["master"] + held["moments"], "master": held["master"],
-                  "bytes_per_weight": held["bytes_per_weight"],
+                  "bytes_per_weight": held["bytes_per_weight"], "optimizer_device": held["optimizer_device"],
                   "mixed_precision": "bf16" if run.config.get("bf16", {}).get("enabled") else "no"}
         finish = torch.distributed.barrier
     else:
@@ -214,11 +246,13 @@ def main(argv=None) -> dict:
             losses.append(float(loss.detach()))
         states = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
         report = {"sharding": "fsdp" if sharded else "none", "zero_stage": 3 if sharded else 0,
+                  "optimizer_device": str(accelerator.device),
                   "weights": local_bytes(model.parameters()), "gradients": grads, "optimizer": local_bytes(states),
                   "master": 0, "mixed_precision": accelerator.mixed_precision}
         finish = accelerator.wait_for_everyone
+    peak = torch.cuda.max_memory_allocated() / MiB if torch.cuda.is_available() else None
     report = {"rank": rank, "world_size": world, "profile": profile.name, "params": params,
-              "bytes_per_weight": bytes_per_weight, **report, "fsdp": report["sharding"] == "fsdp", "losses": losses}
+              "bytes_per_weight": bytes_per_weight, "device_peak_mib": peak, **report, "fsdp": report["sharding"] == "fsdp", "losses": losses}
     reports = [None] * world
     if world > 1:
         torch.distributed.all_gather_object(reports, report)

@@ -197,7 +197,8 @@ def main(argv=None) -> dict:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--profile", default="ci", help="whose base model to shard: a profile's name or its fields as JSON")
+    parser.add_argument("--profile", default="ci",
+                        help="whose base model to shard: a profile's name or its fields as JSON")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=64)
@@ -225,7 +226,7 @@ def main(argv=None) -> dict:
         report = {"sharding": "deepspeed", "zero_stage": run.stage, "weights": held["weights"], "gradients": grads,
                   "optimizer": held["master"] + held["moments"], "master": held["master"],
                   "bytes_per_weight": held["bytes_per_weight"], "optimizer_device": held["optimizer_device"],
-                  "mixed_precision": "bf16" if run.config.get("bf16", {}).get("enabled") else "no"}
+                  "mixed_precision": next((m for m in ("fp16", "bf16") if run.config.get(m, {}).get("enabled")), "no")}
         finish = torch.distributed.barrier
     else:
         accelerator = Accelerator(cpu=on_cpu)
@@ -252,7 +253,8 @@ def main(argv=None) -> dict:
         finish = accelerator.wait_for_everyone
     peak = torch.cuda.max_memory_allocated() / MiB if torch.cuda.is_available() else None
     report = {"rank": rank, "world_size": world, "profile": profile.name, "params": params,
-              "bytes_per_weight": bytes_per_weight, "device_peak_mib": peak, **report, "fsdp": report["sharding"] == "fsdp", "losses": losses}
+              "bytes_per_weight": bytes_per_weight, "device_peak_mib": peak, **report,
+              "fsdp": report["sharding"] == "fsdp", "losses": losses}
     reports = [None] * world
     if world > 1:
         torch.distributed.all_gather_object(reports, report)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import MISSING, dataclass, fields, replace
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 
 import torch
 
@@ -59,6 +59,10 @@ class Profile:
     def with_(self, **changes) -> "Profile":
         """A copy with some fields changed (profiles are frozen)."""
         return replace(self, **changes)
+
+    def to_json(self) -> str:
+        """Every field as JSON; :func:`from_json` reads it back."""
+        return json.dumps(asdict(self))
 
     def rehearsal(self) -> "Profile":
         """This profile's code path on a CPU, offline: the same models, dtype (fp16 mixed precision on
@@ -145,7 +149,7 @@ def get(name: str = "auto") -> Profile:
 
 
 def from_json(text: str) -> Profile:
-    """A profile from its fields as JSON (``json.dumps(dataclasses.asdict(profile))``): how a derived
+    """A profile from its fields as JSON (:meth:`Profile.to_json`): how a derived
     profile, which has no name in :data:`PROFILES`, reaches a child process. Lists become the tuples
     the fields hold; an unknown or missing field raises ValueError naming it."""
     given = json.loads(text)

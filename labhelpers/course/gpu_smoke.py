@@ -89,7 +89,8 @@ def smoke_lab3(profile, work: Path) -> dict:
 
 def smoke_lab4(profile, work: Path) -> dict:
     table = lab4.measured_vs_estimated(profile, ("full", "lora", "qlora+gc"))
-    return {**{row.pop("method"): row for row in table.to_dict("records")}, "zero_offload": zero_offload(profile, work)}
+    steps = {row.pop("method"): row for row in table.to_dict("records")}
+    return {**steps, "zero_offload": zero_offload(profile, work)}
 
 
 def zero_offload(profile, work: Path) -> dict:
@@ -169,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="sftlabs-gpu-smoke-") as tmp:
         for name, fn in (("lab1_peft", smoke_lab1), ("lab2_domain", smoke_lab2), ("lab2b_hyperparameters", smoke_lab2b),
-                         ("lab3_merging", lambda p: smoke_lab3(p, Path(tmp))), ("lab4_memory", lambda p: smoke_lab4(p, Path(tmp)))):
+                         ("lab3_merging", lambda p: smoke_lab3(p, Path(tmp))),
+                         ("lab4_memory", lambda p: smoke_lab4(p, Path(tmp)))):
             start = time.perf_counter()
             try:
                 with measure_peak_memory(profile.device) as peak:  # CUDA: max_memory_allocated; CPU: resident set

@@ -18,7 +18,6 @@ accelerator falls back to gloo).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import subprocess
@@ -77,7 +76,7 @@ def launch(num_processes: int, out: Path, profile: str | profiles.Profile = "ci"
     out = Path(out)
     out.unlink(missing_ok=True)
     profile = profiles.get(profile) if isinstance(profile, str) else profile
-    flags = [f"--profile={json.dumps(dataclasses.asdict(profile))}",
+    flags = [f"--profile={profile.to_json()}",
              *(f"--{k.replace('_', '-')}={v}" for k, v in options.items())]
     module = ["-m", "labhelpers.labs.sharding_demo", "--out", str(out), *flags]
     if config is None:
@@ -208,8 +207,9 @@ def main(argv=None) -> dict:
     on_cpu = not torch.cuda.is_available()
     profile = profiles.from_json(args.profile) if args.profile.startswith("{") else profiles.get(args.profile)
     model, _ = load_model(profile)
-    # fp32 weights, as every full fine-tuning run of the course keeps them (a half-precision profile
-    # trains under autocast); DeepSpeed's fp16/bf16 modes make their own half copy from these
+    # fp32 weights whatever the profile's dtype, so that every run holds what the formulas assume for
+    # fp32 master weights (the course's fp16 runs keep their trained weights fp32 too); DeepSpeed's
+    # fp16/bf16 modes make their own half copy from these
     model = model.float()
     model.config.use_cache = False
     bytes_per_weight = next(model.parameters()).element_size()

@@ -13,6 +13,10 @@ DRY_RUN ?=
 JUPYTER_ARGS ?=
 NOTEBOOK_PROFILES ?= ci cpu
 KERNEL := sftlabs
+# Axolotl (Lab 1b) runs from its own environment: its pins conflict with the course's (tools/axolotl).
+AXOLOTL_VENV ?= .venv-axolotl
+AXOLOTL_PYTHON ?= python3.11
+export SFTLABS_AXOLOTL_ENV := $(abspath $(AXOLOTL_VENV))
 # Keep Jupyter and IPython state inside the project's environment, never in the home directory.
 VENV_DIR := $(abspath $(VENV))
 export JUPYTER_CONFIG_DIR := $(VENV_DIR)/etc/jupyter-config
@@ -23,7 +27,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 export MPLBACKEND ?= Agg
 
-.PHONY: setup sandbox-tool browser data base-model rehearsal-models rehearse labs test bench bench-notebooks gpu-smoke release jupyter check autograde feedback grades clean help
+.PHONY: setup axolotl sandbox-tool browser data base-model rehearsal-models rehearse labs test bench bench-notebooks gpu-smoke release jupyter check autograde feedback grades clean help
 
 help:
 	@echo "make labs     run every lab headlessly (PROFILE=auto|ci|cpu|t4|gpu-24gb) into build/"
@@ -33,6 +37,7 @@ help:
 	@echo "make gpu-smoke  unit tests, then each lab's core path on a CUDA machine -> build/gpu-smoke.json (STAND_INS=1: offline, hub-shaped stand-ins; DRY_RUN=1: on the CPU, smoke profile)"
 	@echo "make bench-notebooks   run every lab in the ci and cpu profiles now and time them (every lab twice: tens of minutes on 2 cores)"
 	@echo "make check LAB=...  run your notebook the way the grader does and list which exercises pass"
+	@echo "make axolotl  Axolotl's own environment (.venv-axolotl) for Lab 1b; make labs, rehearse and test build it"
 	@echo "make setup | data | base-model [SIZE=micro|tiny|small] [STEPS=n] | release | jupyter | autograde LAB=... | feedback LAB=... | grades"
 
 $(VENV)/.installed: pyproject.toml
@@ -43,6 +48,15 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	$(PY) -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (sftlabs)" >/dev/null
 	@touch $@
+
+# Axolotl's own environment, with tools/axolotl/requirements.txt (every package pinned); the course's stays as it is.
+$(AXOLOTL_VENV)/.installed: tools/axolotl/requirements.txt
+	@test -x $(AXOLOTL_VENV)/bin/python || $(AXOLOTL_PYTHON) -m venv $(AXOLOTL_VENV)
+	$(AXOLOTL_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(AXOLOTL_VENV)/bin/python -m pip install --quiet -r tools/axolotl/requirements.txt
+	@touch $@
+
+axolotl: $(AXOLOTL_VENV)/.installed
 
 # (only while bwrap is missing, so that `make setup` has nothing to do once everything is there)
 SANDBOX_TOOL := $(if $(shell command -v bwrap 2>/dev/null),,sandbox-tool)
@@ -80,13 +94,13 @@ rehearsal-models: setup
 
 # A GPU profile rehearsed on this CPU: the runner builds the stand-ins and points the hub cache at them.
 REHEARSE_PROFILE = $(if $(filter auto,$(PROFILE)),t4,$(PROFILE))
-rehearse: setup
+rehearse: setup axolotl
 	$(PY) -m labhelpers.course.runner --profile $(REHEARSE_PROFILE)-rehearsal --out build/rehearsal-$(REHEARSE_PROFILE)
 
-labs: setup
+labs: setup axolotl
 	$(PY) -m labhelpers.course.runner --profile $(PROFILE) --out build
 
-test: setup $(CHROMIUM)
+test: setup axolotl $(CHROMIUM)
 	$(PY) -m pytest -q
 
 bench: setup

@@ -2,7 +2,7 @@
 
 Tests check the graded checks (and the library) against what the course ships, never against a hand
 copy that could drift from it. A solution cell is executed in a namespace holding what the lab's
-earlier cells import (``torch``, ``nn``, ``math``, labhelpers' ``quantization``).
+earlier cells import (``torch``, ``nn``, ``math``, labhelpers' ``quantization``, Lab 1b's driver ``lab1b``).
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ import torch
 from torch import nn
 
 from labhelpers import quantization
+from labhelpers.labs import lab1b
 from labhelpers.paths import REPO_ROOT
 
-NOTEBOOK_NAMES = {"torch": torch, "nn": nn, "math": math, "quantization": quantization}
+NOTEBOOK_NAMES = {"torch": torch, "nn": nn, "math": math, "quantization": quantization, "lab1b": lab1b}
 
 
 @cache

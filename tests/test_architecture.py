@@ -72,6 +72,8 @@ TESTED_ELSEWHERE = {
     "course.bench": "test_make_targets (make bench QUICK=1)",
     "course.pretrain": "test_models (the shipped base, its manifest) and test_make_targets (make base-model)",
     "labs.sharding_demo": "test_memory (FSDP and DeepSpeed ZeRO ranks hold what the formulas say)",
+    "labs.lab1b": "test_axolotl_cli (the config check, the mask comparison, NF4) and test_notebooks (Lab 1b in ci)",
+    "axolotl_validate": "test_axolotl_cli (run by Axolotl's environment: valid and broken configs)",
     "labs.lab1": "test_peft_methods (compare_methods, guidance) and test_notebooks (Lab 1 in the ci profile)",
     "labs.lab2": "test_continual (sweep, best settings) and test_notebooks (Lab 2 in the ci profile)",
     "labs.lab3": "test_merging and test_notebooks (Lab 3 in the ci profile)",

@@ -17,7 +17,7 @@ from torch import nn
 from helpers import SOLUTION_NOTEBOOKS
 from labhelpers import adapters, continual, data, hyperparameters, lora, merging, profiles, quantization
 from labhelpers.course.own_work import DelegationError, own_work
-from labhelpers.labs import lab1, lab2, lab3, lab4
+from labhelpers.labs import lab1, lab1b, lab2, lab3, lab4
 
 
 def _notebook(code: str, **names) -> dict:
@@ -113,7 +113,7 @@ def test_the_solution_passes_and_a_delegating_one_scores_zero(lab, grade_id, gua
     exercise, references = call.args[0].id, [ast.unparse(arg) for arg in call.args[1:]]
     block = ast.get_source_segment(source, guard)
     names = dict(np=np, math=math, adapters=adapters, continual=continual, data=data, lora=lora,
-                 quantization=quantization, hyperparameters=hyperparameters, optuna=optuna, lab1=lab1, lab2=lab2, lab3=lab3, lab4=lab4, own_work=own_work,
+                 quantization=quantization, hyperparameters=hyperparameters, optuna=optuna, lab1=lab1, lab1b=lab1b, lab2=lab2, lab3=lab3, lab4=lab4, own_work=own_work,
                  tokenizer=tokenizer, profile=profiles.get("ci"), conversation=[{"role": "user", "content": "How many employees?"},
                                                     {"role": "assistant", "content": "SELECT COUNT(*) FROM employees;"}])
     ns = _notebook(imports + "\n" + solutions[exercise], **names)

@@ -14,7 +14,8 @@ are noise). ``--profile gpu-24gb`` smokes the other GPU profile. A lab that fail
 traceback and the next one still runs. ``--dry-run`` runs the very same code on the CPU with the ``smoke`` profile
 (the test suite does this), so the script cannot rot where no GPU is around.
 
-Core paths: Lab 1 LoRA and QLoRA on code; Lab 2 full fine-tuning on SQL and the forgetting probe;
+Core paths: Lab 1 LoRA and QLoRA on code; Lab 1b the same QLoRA recipe through ``axolotl train`` (its
+own environment, with Axolotl's LoRA kernels on a GPU); Lab 2 full fine-tuning on SQL and the forgetting probe;
 Lab 2b a three-trial search (TPE, median pruner) on the smallest base;
 Lab 3 two experts and their TIES merge; Lab 4 the measured step of full/LoRA/QLoRA next to the estimate,
 and DeepSpeed ZeRO-2 with its optimizer states on the GPU and offloaded to the CPU (ZeRO-Offload).
@@ -35,10 +36,10 @@ from pathlib import Path
 
 import torch
 
-from labhelpers import hyperparameters, merging, profiles
+from labhelpers import axolotl_cli, hyperparameters, merging, profiles
 from labhelpers.course import rehearsal
 from labhelpers.continual import all_scores
-from labhelpers.labs import lab3, lab4, sharding_demo
+from labhelpers.labs import lab1b, lab3, lab4, sharding_demo
 from labhelpers.labs.lab1 import compare_methods
 from labhelpers.memory import measure_peak_memory
 from labhelpers.models import load_model
@@ -52,6 +53,19 @@ def smoke_lab1(profile) -> dict:
     return {m: {"pass_at_1": float(table.loc[m, "score_test"]), "sec_per_step": float(table.loc[m, "sec_per_step"]),
                 "tokens_per_sec": float(table.loc[m, "tokens_per_sec"]),
                 "trainable_pct": float(table.loc[m, "trainable_pct"])} for m in table.index}
+
+
+def smoke_lab1b(profile, work: Path) -> dict:
+    """Lab 1's QLoRA recipe through ``axolotl train`` (Axolotl's environment; on a GPU with its LoRA
+    kernels), then its adapter scored with the course's peft."""
+    run_profile, work = lab1b.comparison_profile(profile), work / "axolotl"
+    cfg = lab1b.recipe_config(run_profile, lab1b.write_train_split(work / "train.jsonl"))
+    config_path = axolotl_cli.write_config(lab1b.run_settings(cfg, run_profile, work), work / "qlora.yaml")
+    training = axolotl_cli.run(["train", config_path, "--launcher", "python"], work / "train.log")
+    curve = axolotl_cli.loss_log(training.text())
+    model, tokenizer = lab1b.axolotl_adapter_model(run_profile, work / "adapter")
+    return {"steps": len(curve), "first_loss": float(curve["loss"].iloc[0]), "final_loss": float(curve["loss"].iloc[-1]),
+            "train_seconds": training.seconds, "pass_at_1": lab1b.pass_at_1(model, tokenizer, run_profile)}
 
 
 def smoke_lab2(profile) -> dict:
@@ -169,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unit tests: {report['unit_tests']}", flush=True)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="sftlabs-gpu-smoke-") as tmp:
-        for name, fn in (("lab1_peft", smoke_lab1), ("lab2_domain", smoke_lab2), ("lab2b_hyperparameters", smoke_lab2b),
+        for name, fn in (("lab1_peft", smoke_lab1), ("lab1b_axolotl", lambda p: smoke_lab1b(p, Path(tmp))),
+                         ("lab2_domain", smoke_lab2), ("lab2b_hyperparameters", smoke_lab2b),
                          ("lab3_merging", lambda p: smoke_lab3(p, Path(tmp))),
                          ("lab4_memory", lambda p: smoke_lab4(p, Path(tmp)))):
             start = time.perf_counter()

@@ -13,6 +13,9 @@ DRY_RUN ?=
 JUPYTER_ARGS ?=
 NOTEBOOK_PROFILES ?= ci cpu
 KERNEL := sftlabs
+# pip compiles no bytecode at install (Python writes it at first import, for the modules used): Axolotl's
+# environment installs in 1 min 23 s instead of 3 min 24 s
+PIP_FAST := --no-compile
 # Axolotl (Lab 1b) runs from its own environment: its pins conflict with the course's (tools/axolotl).
 AXOLOTL_VENV ?= .venv-axolotl
 AXOLOTL_PYTHON ?= python3.11
@@ -27,7 +30,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 export MPLBACKEND ?= Agg
 
-.PHONY: setup axolotl sandbox-tool browser data base-model rehearsal-models rehearse labs test bench bench-notebooks gpu-smoke release jupyter check autograde feedback grades clean help
+.PHONY: setup axolotl environments sandbox-tool browser data base-model rehearsal-models rehearse labs test bench bench-notebooks gpu-smoke release jupyter check autograde feedback grades clean help
 
 help:
 	@echo "make labs     run every lab headlessly (PROFILE=auto|ci|cpu|t4|gpu-24gb) into build/"
@@ -44,8 +47,8 @@ $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	@# never replace a torch that is already there (Colab, CUDA machines); else take the tested CPU pin
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet torch==$(TORCH_VERSION)
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet $(PIP_FAST) torch==$(TORCH_VERSION)
+	$(PY) -m pip install --quiet $(PIP_FAST) -e ".[dev]"
 	$(PY) -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (sftlabs)" >/dev/null
 	@touch $@
 
@@ -53,10 +56,14 @@ $(VENV)/.installed: pyproject.toml
 $(AXOLOTL_VENV)/.installed: tools/axolotl/requirements.txt
 	@test -x $(AXOLOTL_VENV)/bin/python || $(AXOLOTL_PYTHON) -m venv $(AXOLOTL_VENV)
 	$(AXOLOTL_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(AXOLOTL_VENV)/bin/python -m pip install --quiet -r tools/axolotl/requirements.txt
+	$(AXOLOTL_VENV)/bin/python -m pip install --quiet $(PIP_FAST) -r tools/axolotl/requirements.txt
 	@touch $@
 
 axolotl: $(AXOLOTL_VENV)/.installed
+
+# both environments, built side by side (two pip processes: on 2 cores about a minute less than one after the other)
+environments:
+	@$(MAKE) --no-print-directory -j2 setup axolotl
 
 # (only while bwrap is missing, so that `make setup` has nothing to do once everything is there)
 SANDBOX_TOOL := $(if $(shell command -v bwrap 2>/dev/null),,sandbox-tool)
@@ -94,13 +101,13 @@ rehearsal-models: setup
 
 # A GPU profile rehearsed on this CPU: the runner builds the stand-ins and points the hub cache at them.
 REHEARSE_PROFILE = $(if $(filter auto,$(PROFILE)),t4,$(PROFILE))
-rehearse: setup axolotl
+rehearse: environments
 	$(PY) -m labhelpers.course.runner --profile $(REHEARSE_PROFILE)-rehearsal --out build/rehearsal-$(REHEARSE_PROFILE)
 
-labs: setup axolotl
+labs: environments
 	$(PY) -m labhelpers.course.runner --profile $(PROFILE) --out build
 
-test: setup axolotl $(CHROMIUM)
+test: environments $(CHROMIUM)
 	$(PY) -m pytest -q
 
 bench: setup

@@ -36,8 +36,8 @@ def environment() -> Path:
     Raises FileNotFoundError naming the fix when it holds no ``axolotl`` program."""
     env = Path(os.environ.get(ENV_VARIABLE) or REPO_ROOT / ".venv-axolotl")
     if not (env / "bin" / "axolotl").exists():
-        raise FileNotFoundError(f"Axolotl's environment is missing at {env}: run `make axolotl` (it builds "
-                                f".venv-axolotl with Axolotl's own pins, tools/axolotl/requirements.txt), or set "
+        raise FileNotFoundError(f"Axolotl's environment is missing at {env}: run `make -C {REPO_ROOT} axolotl` (it "
+                                f"builds .venv-axolotl with Axolotl's own pins, tools/axolotl/requirements.txt), or set "
                                 f"{ENV_VARIABLE} to an environment that has axolotl installed")
     return env
 

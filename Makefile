@@ -44,6 +44,7 @@ help:
 	@echo "make setup | data | base-model [SIZE=micro|tiny|small] [STEPS=n] | release | jupyter | autograde LAB=... | feedback LAB=... | grades"
 
 $(VENV)/.installed: pyproject.toml
+	@echo "installing the course environment into $(VENV) (pyproject.toml's pins) ..."
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	@# never replace a torch that is already there (Colab, CUDA machines); else take the tested CPU pin
@@ -54,6 +55,7 @@ $(VENV)/.installed: pyproject.toml
 
 # Axolotl's own environment, with tools/axolotl/requirements.txt (every package pinned); the course's stays as it is.
 $(AXOLOTL_VENV)/.installed: tools/axolotl/requirements.txt
+	@echo "installing Axolotl's environment into $(AXOLOTL_VENV) (tools/axolotl/requirements.txt) ..."
 	@test -x $(AXOLOTL_VENV)/bin/python || $(AXOLOTL_PYTHON) -m venv $(AXOLOTL_VENV)
 	$(AXOLOTL_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(AXOLOTL_VENV)/bin/python -m pip install --quiet $(PIP_FAST) -r tools/axolotl/requirements.txt
@@ -63,7 +65,7 @@ axolotl: $(AXOLOTL_VENV)/.installed
 
 # both environments, built side by side (two pip processes: on 2 cores about a minute less than one after the other)
 environments:
-	@$(MAKE) --no-print-directory -j2 setup axolotl
+	@$(MAKE) --no-print-directory --silent -j2 setup axolotl
 
 # (only while bwrap is missing, so that `make setup` has nothing to do once everything is there)
 SANDBOX_TOOL := $(if $(shell command -v bwrap 2>/dev/null),,sandbox-tool)

@@ -35,7 +35,7 @@ def test_loss_log_reads_each_logged_step():
 
 def test_a_missing_environment_names_the_fix(tmp_path, monkeypatch):
     monkeypatch.setenv(axolotl_cli.ENV_VARIABLE, str(tmp_path / "nowhere"))
-    with pytest.raises(FileNotFoundError, match="make axolotl"):
+    with pytest.raises(FileNotFoundError, match=r"run `make -C .+ axolotl`"):
         axolotl_cli.environment()
 
 

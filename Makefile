@@ -13,9 +13,6 @@ DRY_RUN ?=
 JUPYTER_ARGS ?=
 NOTEBOOK_PROFILES ?= ci cpu
 KERNEL := sftlabs
-# pip compiles no bytecode at install (Python writes it at first import, for the modules used): Axolotl's
-# environment installs in 1 min 23 s instead of 3 min 24 s
-PIP_FAST := --no-compile
 # Axolotl (Lab 1b) runs from its own environment: its pins conflict with the course's (tools/axolotl).
 AXOLOTL_VENV ?= .venv-axolotl
 AXOLOTL_PYTHON ?= python3.11
@@ -48,8 +45,8 @@ $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	@# never replace a torch that is already there (Colab, CUDA machines); else take the tested CPU pin
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet $(PIP_FAST) torch==$(TORCH_VERSION)
-	$(PY) -m pip install --quiet $(PIP_FAST) -e ".[dev]"
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet torch==$(TORCH_VERSION)
+	$(PY) -m pip install --quiet -e ".[dev]"
 	$(PY) -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (sftlabs)" >/dev/null
 	@touch $@
 
@@ -58,7 +55,7 @@ $(AXOLOTL_VENV)/.installed: tools/axolotl/requirements.txt
 	@echo "installing Axolotl's environment into $(AXOLOTL_VENV) (tools/axolotl/requirements.txt) ..."
 	@test -x $(AXOLOTL_VENV)/bin/python || $(AXOLOTL_PYTHON) -m venv $(AXOLOTL_VENV)
 	$(AXOLOTL_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(AXOLOTL_VENV)/bin/python -m pip install --quiet $(PIP_FAST) -r tools/axolotl/requirements.txt
+	$(AXOLOTL_VENV)/bin/python -m pip install --quiet -r tools/axolotl/requirements.txt
 	@touch $@
 
 axolotl: $(AXOLOTL_VENV)/.installed

@@ -61,9 +61,8 @@ class TrainResult:
 
     @property
     def final_loss(self) -> float:
-        """Mean training loss over the last 10% of logged steps."""
-        tail = max(1, len(self.loss_curve) // 10)
-        return float(self.loss_curve["loss"].iloc[-tail:].mean())
+        """Mean training loss over the last 10% of logged steps (:func:`final_loss`)."""
+        return final_loss(self.loss_curve)
 
     def summary(self) -> dict:
         return {"trainable_params": self.trainable_params, "total_params": self.total_params,
@@ -71,6 +70,12 @@ class TrainResult:
                 "sec_per_step": self.sec_per_step, "peak_mib": self.peak_mib,
                 "final_train_loss": self.final_loss, "train_seconds": self.train_seconds,
                 "tokens_per_sec": self.tokens_per_second}
+
+
+def final_loss(loss_curve: pd.DataFrame) -> float:
+    """Mean of a loss curve's ``loss`` over its last 10% of logged steps (at least one)."""
+    tail = max(1, len(loss_curve) // 10)
+    return float(loss_curve["loss"].iloc[-tail:].mean())
 
 
 class _Recorder(TrainerCallback):

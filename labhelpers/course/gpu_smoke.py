@@ -39,6 +39,7 @@ import torch
 from labhelpers import axolotl_cli, hyperparameters, merging, profiles
 from labhelpers.course import rehearsal
 from labhelpers.continual import all_scores
+from labhelpers.evaluation import score
 from labhelpers.labs import lab1b, lab3, lab4, sharding_demo
 from labhelpers.labs.lab1 import compare_methods
 from labhelpers.memory import measure_peak_memory
@@ -65,7 +66,7 @@ def smoke_lab1b(profile, work: Path) -> dict:
     curve = axolotl_cli.loss_log(training.text())
     model, tokenizer = lab1b.axolotl_adapter_model(run_profile, work / "adapter")
     return {"steps": len(curve), "first_loss": float(curve["loss"].iloc[0]), "final_loss": float(curve["loss"].iloc[-1]),
-            "train_seconds": training.seconds, "pass_at_1": lab1b.pass_at_1(model, tokenizer, run_profile)}
+            "train_seconds": training.seconds, "pass_at_1": score(model, tokenizer, "code", run_profile)}
 
 
 def smoke_lab2(profile) -> dict:

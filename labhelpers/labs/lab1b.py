@@ -15,7 +15,6 @@ import torch
 
 from labhelpers import axolotl_cli
 from labhelpers.data import tokenize_chats
-from labhelpers.evaluation import evaluate
 from labhelpers.models import load_model, model_source, quantization_config
 from labhelpers.peft_methods import peft_config, prepare
 from labhelpers.profiles import Profile
@@ -103,8 +102,6 @@ def _setting(cfg: dict, key: str):
         return set(value)
     if key in ("fp16", "bf16", "gradient_checkpointing"):
         return bool(value)  # absent means off, as in Axolotl
-    if key == "datasets.path":
-        return str(value)
     return value
 
 
@@ -127,7 +124,8 @@ def check_axolotl_config(cfg: dict, profile: Profile, data_path: str | Path) -> 
     if not isinstance(cfg, dict):
         return CheckReport(False, 1, [f"expected a dict (the YAML's mapping), got {type(cfg).__name__}"])
     failures = []
-    for key, want in recipe_settings(profile, data_path).items():
+    settings = recipe_settings(profile, data_path)
+    for key, want in settings.items():
         got = _setting(cfg, key)
         if isinstance(want, dict) and isinstance(got, dict):
             got = {k: got.get(k) for k in want}  # further keys (a compute dtype) are the student's choice
@@ -136,7 +134,7 @@ def check_axolotl_config(cfg: dict, profile: Profile, data_path: str | Path) -> 
     with tempfile.TemporaryDirectory() as out:
         verdict = axolotl_cli.validate([run_settings(cfg, profile, out)])[0]
     failures += [f"Axolotl's schema: {e}" for e in verdict.errors]
-    return CheckReport(not failures, len(recipe_settings(profile, data_path)) + 1, failures)
+    return CheckReport(not failures, len(settings) + 1, failures)
 
 
 def broken_configs(cfg: dict) -> dict[str, dict]:
@@ -196,11 +194,6 @@ def axolotl_adapter_model(profile: Profile, adapter_dir: str | Path):
 
     base, tokenizer = load_model(profile, quantization="nf4")
     return PeftModel.from_pretrained(base, str(adapter_dir)), tokenizer
-
-
-def pass_at_1(model, tokenizer, profile: Profile, split: str = "test") -> float:
-    """pass@1 of ``model`` on the task's ``split`` (the course's evaluation)."""
-    return float(evaluate(model, tokenizer, TASK, profile, split)["correct"].mean())
 
 
 def nf4_roundtrip(weight: torch.Tensor, double_quant: bool = True) -> torch.Tensor:

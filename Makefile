@@ -17,6 +17,10 @@ KERNEL := sftlabs
 AXOLOTL_VENV ?= .venv-axolotl
 AXOLOTL_PYTHON ?= python3.11
 export SFTLABS_AXOLOTL_ENV := $(abspath $(AXOLOTL_VENV))
+# Unsloth (Lab 1b's optional backend) too: it caps transformers, trl and datasets below the course's (tools/unsloth).
+UNSLOTH_VENV ?= .venv-unsloth
+UNSLOTH_PYTHON ?= $(PYTHON)
+export SFTLABS_UNSLOTH_ENV := $(abspath $(UNSLOTH_VENV))
 # Keep Jupyter and IPython state inside the project's environment, never in the home directory.
 VENV_DIR := $(abspath $(VENV))
 export JUPYTER_CONFIG_DIR := $(VENV_DIR)/etc/jupyter-config
@@ -27,7 +31,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 export MPLBACKEND ?= Agg
 
-.PHONY: setup axolotl environments sandbox-tool browser data base-model rehearsal-models rehearse labs test bench bench-notebooks gpu-smoke release jupyter check autograde feedback grades clean help
+.PHONY: setup axolotl unsloth environments sandbox-tool browser data base-model rehearsal-models rehearse labs test bench bench-notebooks gpu-smoke release jupyter check autograde feedback grades clean help
 
 help:
 	@echo "make labs     run every lab headlessly (PROFILE=auto|ci|cpu|t4|gpu-24gb) into build/"
@@ -38,6 +42,7 @@ help:
 	@echo "make bench-notebooks   run every lab in the ci and cpu profiles now and time them (every lab twice: tens of minutes on 2 cores)"
 	@echo "make check LAB=...  run your notebook the way the grader does and list which exercises pass"
 	@echo "make axolotl  Axolotl's own environment (.venv-axolotl) for Lab 1b; make labs, rehearse and test build it"
+	@echo "make unsloth  Unsloth's own environment (.venv-unsloth), Lab 1b's optional backend; make labs, rehearse and test build it"
 	@echo "make setup | data | base-model [SIZE=micro|tiny|small] [STEPS=n] | release | jupyter | autograde LAB=... | feedback LAB=... | grades"
 
 $(VENV)/.installed: pyproject.toml
@@ -60,9 +65,22 @@ $(AXOLOTL_VENV)/.installed: tools/axolotl/requirements.txt
 
 axolotl: $(AXOLOTL_VENV)/.installed
 
-# both environments, built side by side (two pip processes: on 2 cores about a minute less than one after the other)
+# Unsloth's own environment, with tools/unsloth/requirements.txt (every package pinned).
+$(UNSLOTH_VENV)/.installed: tools/unsloth/requirements.txt
+	@echo "installing Unsloth's environment into $(UNSLOTH_VENV) (tools/unsloth/requirements.txt) ..."
+	@test -x $(UNSLOTH_VENV)/bin/python || $(UNSLOTH_PYTHON) -m venv $(UNSLOTH_VENV)
+	$(UNSLOTH_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(UNSLOTH_VENV)/bin/python -m pip install --quiet -r tools/unsloth/requirements.txt
+	@# torchvision's wheel is built for CUDA torch: beside the CPU build its operators do not load and
+	@# `import unsloth` stops ("operator torchvision::nms does not exist"); text training never uses it
+	@$(UNSLOTH_VENV)/bin/python -c "import torchvision" 2>/dev/null || { echo "removing torchvision from $(UNSLOTH_VENV): its operators do not load with this torch"; $(UNSLOTH_VENV)/bin/python -m pip uninstall --quiet -y torchvision; }
+	@touch $@
+
+unsloth: $(UNSLOTH_VENV)/.installed
+
+# the three environments, built side by side (pip processes: on 2 cores minutes less than one after the other)
 environments:
-	@$(MAKE) --no-print-directory --silent -j2 setup axolotl
+	@$(MAKE) --no-print-directory --silent -j3 setup axolotl unsloth
 
 # (only while bwrap is missing, so that `make setup` has nothing to do once everything is there)
 SANDBOX_TOOL := $(if $(shell command -v bwrap 2>/dev/null),,sandbox-tool)

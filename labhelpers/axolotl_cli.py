@@ -13,73 +13,34 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
-from labhelpers.paths import REPO_ROOT
+from labhelpers.tool_env import ToolEnvironment, ToolRun
 
 ENV_VARIABLE = "SFTLABS_AXOLOTL_ENV"
 VALIDATOR = Path(__file__).resolve().parent / "axolotl_validate.py"
 # Axolotl's fused LoRA kernels are Triton/CUDA code: on a CPU they stop with "Torch not compiled with
 # CUDA enabled", so a CPU run switches them off (on a GPU they stay as the config says).
 CPU_SETTINGS = {"lora_mlp_kernel": False, "lora_qkv_kernel": False, "lora_o_kernel": False}
+AXOLOTL = ToolEnvironment("Axolotl", ENV_VARIABLE, ".venv-axolotl", "axolotl", "axolotl",
+                          extra={"AXOLOTL_DO_NOT_TRACK": "1"})
 
 
 def environment() -> Path:
     """The folder of Axolotl's environment: ``$SFTLABS_AXOLOTL_ENV``, else ``<repo>/.venv-axolotl``.
     Raises FileNotFoundError naming the fix when it holds no ``axolotl`` program."""
-    env = Path(os.environ.get(ENV_VARIABLE) or REPO_ROOT / ".venv-axolotl")
-    if not (env / "bin" / "axolotl").exists():
-        raise FileNotFoundError(f"Axolotl's environment is missing at {env}: run `make -C {REPO_ROOT} axolotl` (it "
-                                f"builds .venv-axolotl with Axolotl's own pins, tools/axolotl/requirements.txt), or set "
-                                f"{ENV_VARIABLE} to an environment that has axolotl installed")
-    return env
+    return AXOLOTL.path()
 
 
-def _env_vars(env: Path) -> dict[str, str]:
-    """The process environment of an Axolotl run: its environment first on PATH (it launches
-    ``accelerate``), offline, no telemetry, and none of the course environment's Python settings."""
-    out = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
-    out.update(PATH=f"{env / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}", VIRTUAL_ENV=str(env),
-               AXOLOTL_DO_NOT_TRACK="1", DO_NOT_TRACK="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled")
-    return out
-
-
-@dataclass
-class CliRun:
-    """One finished Axolotl command: its arguments, wall time and the log it wrote (stdout + stderr)."""
-
-    args: list[str]
-    seconds: float
-    log: Path
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
-def run(args: list[str], log: str | Path, timeout_s: float = 1800) -> CliRun:
+def run(args: list[str], log: str | Path, timeout_s: float = 1800) -> ToolRun:
     """``axolotl <args>`` from Axolotl's environment, its output into ``log``. A failure raises
     RuntimeError with the command and the end of its log (the whole log stays in ``log``)."""
-    env = environment()
-    log = Path(log)
-    log.parent.mkdir(parents=True, exist_ok=True)
-    command = [str(env / "bin" / "axolotl"), *map(str, args)]
-    start = time.perf_counter()
-    with log.open("w") as out:
-        proc = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=_env_vars(env), timeout=timeout_s)
-    done = CliRun(command, time.perf_counter() - start, log)
-    if proc.returncode != 0:
-        tail = "\n".join(done.text().splitlines()[-25:])
-        raise RuntimeError(f"`axolotl {' '.join(map(str, args))}` failed (exit {proc.returncode}); its log is "
-                           f"{log}, ending:\n{tail}")
-    return done
+    return AXOLOTL.run([AXOLOTL.bin("axolotl"), *args], log, timeout_s)
 
 
 def write_config(cfg: dict, path: str | Path) -> Path:
@@ -110,9 +71,8 @@ class Validation:
 def validate(configs: list[dict], timeout_s: float = 600) -> list[Validation]:
     """Each config checked by Axolotl's own schema (``axolotl.utils.config.validate_config``, the check
     ``axolotl train`` starts with), in one process of Axolotl's environment."""
-    env = environment()
-    proc = subprocess.run([str(env / "bin" / "python"), str(VALIDATOR)], input=json.dumps(_plain(configs)),
-                          capture_output=True, text=True, env=_env_vars(env), timeout=timeout_s)
+    proc = subprocess.run([AXOLOTL.bin("python"), str(VALIDATOR)], input=json.dumps(_plain(configs)),
+                          capture_output=True, text=True, env=AXOLOTL.variables(), timeout=timeout_s)
     if proc.returncode != 0:
         raise RuntimeError(f"Axolotl's validator failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     return [Validation(**v) for v in json.loads(proc.stdout)]

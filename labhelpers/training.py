@@ -112,6 +112,12 @@ def sft_config(profile: Profile, dataset_format: str, output_dir: str, **overrid
     """The ``SFTConfig`` a profile implies; ``overrides`` replace any field (e.g. ``max_steps``)."""
     from trl import SFTConfig
 
+    return SFTConfig(**sft_config_fields(profile, dataset_format, output_dir, **overrides))
+
+
+def sft_config_fields(profile: Profile, dataset_format: str, output_dir: str, **overrides) -> dict:
+    """The fields :func:`sft_config` sets, as plain values: what another process's ``SFTConfig`` is
+    built from (:mod:`labhelpers.unsloth_cli`)."""
     fields = dict(
         output_dir=output_dir, max_steps=profile.max_steps, per_device_train_batch_size=profile.batch_size,
         gradient_accumulation_steps=profile.gradient_accumulation_steps, learning_rate=profile.learning_rate,
@@ -124,7 +130,7 @@ def sft_config(profile: Profile, dataset_format: str, output_dir: str, **overrid
         dataloader_num_workers=0, disable_tqdm=True,
     )
     fields.update(overrides)
-    return SFTConfig(**fields)
+    return fields
 
 
 def trainer_class(loss_penalty: Callable[[torch.nn.Module], torch.Tensor] | None = None, fused_lm_head: bool = True,

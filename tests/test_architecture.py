@@ -74,6 +74,9 @@ TESTED_ELSEWHERE = {
     "labs.sharding_demo": "test_memory (FSDP and DeepSpeed ZeRO ranks hold what the formulas say)",
     "labs.lab1b": "test_axolotl_cli (the config check, the mask comparison, NF4) and test_notebooks (Lab 1b in ci)",
     "axolotl_validate": "test_axolotl_cli (run by Axolotl's environment: valid and broken configs)",
+    "unsloth_train": "test_notebooks (Lab 1b: run by Unsloth's environment, its result read by unsloth_cli) and "
+                     "test_make_targets (the gpu-smoke dry run)",
+    "labs.backend_comparison": "test_unsloth_cli (spec, parity, table) and test_notebooks (Lab 1b in ci)",
     "labs.lab1": "test_peft_methods (compare_methods, guidance) and test_notebooks (Lab 1 in the ci profile)",
     "labs.lab2": "test_continual (sweep, best settings) and test_notebooks (Lab 2 in the ci profile)",
     "labs.lab3": "test_merging and test_notebooks (Lab 3 in the ci profile)",

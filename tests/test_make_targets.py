@@ -27,10 +27,12 @@ from labhelpers.paths import REPO_ROOT
 
 FIXTURE_LAB = FIXTURES / "demo_lab" / "demo_lab.ipynb"
 VENV = Path(sys.prefix)
-AXOLOTL_VENV = REPO_ROOT / ".venv-axolotl"
+TOOL_VENVS = {".venv-axolotl": "Axolotl's environment is missing or older than tools/axolotl/requirements.txt: run `make axolotl` first",
+              ".venv-unsloth": "Unsloth's environment is missing or older than tools/unsloth/requirements.txt: run `make unsloth` first"}
 # every target the README names -> the test that runs it through make
 COVERED = {"labs": "test_make_labs_from_a_scratch_checkout", "test": ".ci/run", "setup": "scratch_repo",
            "axolotl": ".ci/run (make test builds it) and scratch_repo",
+           "unsloth": ".ci/run (make test builds it) and scratch_repo",
            "jupyter": "tests/test_browser.py", "data": "test_make_data_rewrites_the_shipped_files_byte_for_byte",
            "base-model": "test_make_base_model_pretrains_a_base", "release": "test_instructor_cycle_through_make",
            "check": "test_instructor_cycle_through_make", "autograde": "test_instructor_cycle_through_make",
@@ -67,7 +69,8 @@ def _code_cell(source: str) -> dict:
 def scratch_repo(dest: Path, labs: dict[str, dict]) -> Path:
     """A copy of this checkout in ``dest`` (what git tracks or would track, modification times kept)
     whose ``solutions/`` holds ``labs`` and whose ``labs/`` is empty, with the course environment as
-    ``.venv`` and Axolotl's as ``.venv-axolotl``. Fails when ``make`` would rebuild either."""
+    ``.venv``, Axolotl's as ``.venv-axolotl`` and Unsloth's as ``.venv-unsloth``. Fails when ``make`` would
+    rebuild any of them."""
     listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO_ROOT, check=True,
                             capture_output=True, text=True).stdout.split("\0")
     for rel in filter(None, listed):
@@ -80,11 +83,11 @@ def scratch_repo(dest: Path, labs: dict[str, dict]) -> Path:
         (dest / "solutions" / name / f"{name}.ipynb").write_text(json.dumps(nb, indent=1))
     (dest / "labs").mkdir()
     (dest / ".venv").symlink_to(VENV)
-    (dest / ".venv-axolotl").symlink_to(AXOLOTL_VENV)
     assert make(dest, "--question", ".venv/.installed").returncode == 0, \
         "the course environment is older than pyproject.toml: run `make setup` first"
-    assert make(dest, "--question", ".venv-axolotl/.installed").returncode == 0, \
-        "Axolotl's environment is missing or older than tools/axolotl/requirements.txt: run `make axolotl` first"
+    for folder, fix in TOOL_VENVS.items():
+        (dest / folder).symlink_to(REPO_ROOT / folder)
+        assert make(dest, "--question", f"{folder}/.installed").returncode == 0, fix
     return dest
 
 
@@ -235,8 +238,12 @@ def test_make_bench_notebooks(tmp_path):
 def test_make_gpu_smoke_dry_run_covers_every_lab(tmp_path):
     repo = make_in_scratch(tmp_path, {}, "gpu-smoke", "DRY_RUN=1")
     report = json.loads((repo / "build" / "gpu-smoke.json").read_text())
-    assert report["profile"] == "smoke" and set(report["labs"]) == {"lab1_peft", "lab1b_axolotl", "lab2_domain",
+    assert report["profile"] == "smoke" and set(report["labs"]) == {"lab1_peft", "lab1b_axolotl", "lab1b_unsloth", "lab2_domain",
                                                                     "lab2b_hyperparameters", "lab3_merging", "lab4_memory"}
+    unsloth = report["labs"]["lab1b_unsloth"]  # Unsloth's environment against the course's code, each in its own process
+    assert unsloth["parity"]["same_steps"] and unsloth["parity"]["first_step_difference"] < 1e-4
+    assert unsloth["unsloth"]["tokens"] == unsloth["course"]["tokens"] > 0
+    assert unsloth["unsloth"]["speed"] == "no kernels, no speed claim" and unsloth["unsloth_vs_course_reserved"] is None
     axolotl = report["labs"]["lab1b_axolotl"]  # axolotl train from its own environment, scored by the course's peft
     assert axolotl["steps"] == 4 and 0 <= axolotl["pass_at_1"] <= 1 and axolotl["final_loss"] > 0
     assert set(report["labs"]["lab4_memory"]) >= {"full", "lora", "qlora+gc", "zero_offload", "seconds"}

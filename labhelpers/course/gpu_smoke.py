@@ -15,7 +15,8 @@ traceback and the next one still runs. ``--dry-run`` runs the very same code on 
 (the test suite does this), so the script cannot rot where no GPU is around.
 
 Core paths: Lab 1 LoRA and QLoRA on code; Lab 1b the same QLoRA recipe through ``axolotl train`` (its
-own environment, with Axolotl's LoRA kernels on a GPU); Lab 2 full fine-tuning on SQL and the forgetting probe;
+own environment, with Axolotl's LoRA kernels on a GPU), and through Unsloth against the course's code,
+each in its own process (tokens/s, ``max_memory_allocated``/``reserved``, loss parity); Lab 2 full fine-tuning on SQL and the forgetting probe;
 Lab 2b a three-trial search (TPE, median pruner) on the smallest base;
 Lab 3 two experts and their TIES merge; Lab 4 the measured step of full/LoRA/QLoRA next to the estimate,
 and DeepSpeed ZeRO-2 with its optimizer states on the GPU and offloaded to the CPU (ZeRO-Offload).
@@ -40,7 +41,7 @@ from labhelpers import axolotl_cli, hyperparameters, merging, profiles
 from labhelpers.course import rehearsal
 from labhelpers.continual import all_scores
 from labhelpers.evaluation import score
-from labhelpers.labs import lab1b, lab3, lab4, sharding_demo
+from labhelpers.labs import backend_comparison, lab1b, lab3, lab4, sharding_demo
 from labhelpers.labs.lab1 import compare_methods
 from labhelpers.memory import measure_peak_memory
 from labhelpers.models import load_model
@@ -64,9 +65,25 @@ def smoke_lab1b(profile, work: Path) -> dict:
     config_path = axolotl_cli.write_config(lab1b.run_settings(cfg, run_profile, work), work / "qlora.yaml")
     training = axolotl_cli.run(["train", config_path, "--launcher", "python"], work / "train.log")
     curve = axolotl_cli.loss_log(training.text())
-    model, tokenizer = lab1b.axolotl_adapter_model(run_profile, work / "adapter")
+    model, tokenizer = lab1b.nf4_adapter_model(run_profile, work / "adapter")
     return {"steps": len(curve), "first_loss": float(curve["loss"].iloc[0]), "final_loss": float(curve["loss"].iloc[-1]),
             "train_seconds": training.seconds, "pass_at_1": score(model, tokenizer, "code", run_profile)}
+
+
+def smoke_unsloth(profile, work: Path) -> dict:
+    """Lab 1b's backend comparison: the QLoRA recipe through the course's code and through Unsloth, each
+    in its own process (on a GPU with Unsloth's kernels): tokens/s, peak CUDA memory, loss parity."""
+    spec = backend_comparison.qlora_spec(profile, work / "backends")
+    runs = {"course": backend_comparison.run_course(spec, work / "backends" / "course"),
+            "unsloth": backend_comparison.run_unsloth(spec, work / "backends" / "unsloth")}
+    table = backend_comparison.comparison(runs)
+    reserved = [runs[name].max_memory_reserved_mib for name in ("unsloth", "course")]
+    return {**table.astype(object).where(table.notna(), None).to_dict("index"),
+            "parity": backend_comparison.loss_parity(runs["course"], runs["unsloth"]),
+            "unsloth_vs_course_tokens_per_s": table.loc["unsloth", "tokens_per_s"] / table.loc["course", "tokens_per_s"],
+            "unsloth_vs_course_reserved": None if None in reserved else reserved[0] / reserved[1],
+            "quantization": {name: run.quantization for name, run in runs.items()},
+            "versions": {name: run.versions for name, run in runs.items()}}
 
 
 def smoke_lab2(profile) -> dict:
@@ -185,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="sftlabs-gpu-smoke-") as tmp:
         for name, fn in (("lab1_peft", smoke_lab1), ("lab1b_axolotl", lambda p: smoke_lab1b(p, Path(tmp))),
+                         ("lab1b_unsloth", lambda p: smoke_unsloth(p, Path(tmp))),
                          ("lab2_domain", smoke_lab2), ("lab2b_hyperparameters", smoke_lab2b),
                          ("lab3_merging", lambda p: smoke_lab3(p, Path(tmp))),
                          ("lab4_memory", lambda p: smoke_lab4(p, Path(tmp)))):

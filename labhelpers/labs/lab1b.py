@@ -188,8 +188,9 @@ def course_run(profile: Profile):
     return train_sft(dataset=load_split(TASK, "train"), profile=profile, **setup), setup["tokenizer"]
 
 
-def axolotl_adapter_model(profile: Profile, adapter_dir: str | Path):
-    """Axolotl's trained adapter on the 4-bit base it trained on, loaded with the course's peft."""
+def nf4_adapter_model(profile: Profile, adapter_dir: str | Path):
+    """An adapter trained on the 4-bit base (by Axolotl, Unsloth or the course), on that base, loaded with
+    the course's peft."""
     from peft import PeftModel
 
     base, tokenizer = load_model(profile, quantization="nf4")

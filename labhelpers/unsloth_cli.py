@@ -5,7 +5,7 @@ Its pins (unsloth 2026.10.9: transformers <= 5.17.0, trl <= 1.15.0, datasets < 5
 course's, so it lives in ``.venv-unsloth`` (``make unsloth``, ``tools/unsloth/requirements.txt``) and the
 course runs :mod:`labhelpers.unsloth_train` with that environment's Python, in its own process: the
 process starts clean (Unsloth must be imported before transformers; CUDA's memory peaks are the run's
-own). A run of the course's own trainer writes the same result (:func:`labhelpers.labs.backends`), so
+own). A run of the course's own trainer writes the same result (:mod:`labhelpers.labs.backend_comparison`), so
 the two compare field by field as :class:`BackendRun`.
 
 Without a GPU Unsloth falls back to stock transformers + peft + TRL ("no GPU found, training on CPU"):

@@ -117,7 +117,7 @@ def sft_config(profile: Profile, dataset_format: str, output_dir: str, **overrid
 
 def sft_config_fields(profile: Profile, dataset_format: str, output_dir: str, **overrides) -> dict:
     """The fields :func:`sft_config` sets, as plain values: what another process's ``SFTConfig`` is
-    built from (:mod:`labhelpers.unsloth_cli`)."""
+    built from (:mod:`labhelpers.labs.backend_comparison`)."""
     fields = dict(
         output_dir=output_dir, max_steps=profile.max_steps, per_device_train_batch_size=profile.batch_size,
         gradient_accumulation_steps=profile.gradient_accumulation_steps, learning_rate=profile.learning_rate,

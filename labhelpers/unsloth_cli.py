@@ -26,13 +26,15 @@ ENV_VARIABLE = "SFTLABS_UNSLOTH_ENV"
 TRAINER = Path(__file__).resolve().parent / "unsloth_train.py"
 UNSLOTH = ToolEnvironment("Unsloth", ENV_VARIABLE, ".venv-unsloth", "python", "unsloth",
                           extra={"UNSLOTH_DISABLE_STATISTICS": "1"})
+# what BackendRun keeps of the base's quantization config (the writers write all of it, as strings)
+QUANTIZATION_KEYS = ("load_in_4bit", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype")
 
 
 @dataclass
 class BackendRun:
     """What one QLoRA run measured, in its own process: the loss of every step, training time and the
     tokens trained on (padding excluded), peak CUDA memory after a reset (None on a CPU), the base's
-    quantization, the versions that ran and where the adapter was saved."""
+    quantization (:data:`QUANTIZATION_KEYS`), the versions that ran and where the adapter was saved."""
 
     backend: str
     device: str
@@ -63,6 +65,7 @@ class BackendRun:
         needed = {f.name for f in fields(cls)} - {"adapter_dir"}
         if missing := sorted(needed - set(given)):
             raise ValueError(f"{path} lacks {missing}: its writer and BackendRun disagree")
+        given["quantization"] = {k: str(given["quantization"].get(k)) for k in QUANTIZATION_KEYS}
         return cls(**{k: given[k] for k in needed}, adapter_dir=str(adapter_dir))
 
 

@@ -66,8 +66,7 @@ def main(spec_path: str, result_path: str) -> None:
         "max_memory_allocated_mib": torch.cuda.max_memory_allocated() / mib if cuda else None,
         "max_memory_reserved_mib": torch.cuda.max_memory_reserved() / mib if cuda else None,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "quantization": {k: str(quant.get(k)) for k in ("load_in_4bit", "bnb_4bit_quant_type",
-                                                           "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype")},
+        "quantization": {k: str(v) for k, v in quant.items()},
         "versions": {m.__name__: m.__version__ for m in (unsloth, torch, transformers, trl, peft, datasets)},
     }
     with open(result_path, "w") as f:

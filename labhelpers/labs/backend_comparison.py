@@ -22,15 +22,14 @@ from labhelpers.data import sft_dataset
 from labhelpers.labs import lab1b
 from labhelpers.models import load_tokenizer
 from labhelpers.memory.measure import reset_cuda_peak
-from labhelpers.peft_methods import get_method, peft_config, prepare
+from labhelpers.peft_methods import get_method, peft_config
 from labhelpers.profiles import Profile, from_json
 from labhelpers.tasks import load_split
 from labhelpers.tool_env import run_logged
-from labhelpers.training import final_loss, sft_config_fields, train_sft
+from labhelpers.training import final_loss, sft_config_fields
 from labhelpers.unsloth_cli import BackendRun
 
 CPU_LABEL = "no kernels, no speed claim"  # what a CPU run of Unsloth is: its CPU fallback is stock transformers + peft + TRL
-QUANTIZATION_KEYS = ("load_in_4bit", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype")
 
 
 def backend_profile(profile: Profile) -> Profile:
@@ -64,7 +63,7 @@ def qlora_spec(profile: Profile, workdir: str | Path) -> dict:
 
 
 def run_course(spec: dict, workdir: str | Path, timeout_s: float = 1800) -> BackendRun:
-    """The spec's run through the course's own code (``prepare("qlora")`` + ``train_sft``), in a new
+    """The spec's run through the course's own code (:func:`lab1b.course_run`), in a new
     process of this Python; its log is ``<workdir>/course.log``."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -91,20 +90,18 @@ def _train_course(spec: dict) -> dict:
     cuda = torch.cuda.is_available()
     if cuda:  # the peaks cover the whole run: loading the base, the adapter and training
         reset_cuda_peak()
-    profile = from_json(spec["profile"])
-    setup = prepare("qlora", profile)
-    quant = setup["model"].config.quantization_config.to_dict()
     with open(spec["data"]) as f:
         rows = datasets.Dataset.from_list([json.loads(line) for line in f])
-    run = train_sft(dataset=rows, profile=profile, **setup)
+    run, _ = lab1b.course_run(from_json(spec["profile"]), rows)
     run.model.save_pretrained(spec["adapter_dir"])
+    quant = run.model.config.quantization_config.to_dict()
     mib = 2 ** 20
     return {"backend": "course", "device": "cuda" if cuda else "cpu",
             "losses": run.loss_curve[["step", "loss"]].values.tolist(), "train_seconds": run.train_seconds,
             "steps": run.steps, "train_tokens": run.train_tokens,
             "max_memory_allocated_mib": torch.cuda.max_memory_allocated() / mib if cuda else None,
             "max_memory_reserved_mib": torch.cuda.max_memory_reserved() / mib if cuda else None,
-            "trainable_params": run.trainable_params, "quantization": {k: str(quant.get(k)) for k in QUANTIZATION_KEYS},
+            "trainable_params": run.trainable_params, "quantization": {k: str(v) for k, v in quant.items()},
             "versions": {m.__name__: m.__version__ for m in (torch, transformers, trl, peft, datasets)}}
 
 

@@ -181,11 +181,13 @@ def mask_agreement(prepared, tokenizer, task: str = TASK) -> dict:
     return {"rows": len(prepared), "same_tokens": same_tokens, "same_labels": same_labels, "first_difference": first}
 
 
-def course_run(profile: Profile):
-    """Lab 1's QLoRA run (the course's transformers + peft + TRL code) on the task's training split:
-    the :class:`~labhelpers.training.TrainResult`, with the trained model and its tokenizer."""
+def course_run(profile: Profile, dataset=None):
+    """Lab 1's QLoRA run (the course's transformers + peft + TRL code) on ``dataset`` (default: the
+    task's training split): the :class:`~labhelpers.training.TrainResult`, with the trained model and
+    its tokenizer."""
     setup = prepare("qlora", profile)
-    return train_sft(dataset=load_split(TASK, "train"), profile=profile, **setup), setup["tokenizer"]
+    rows = load_split(TASK, "train") if dataset is None else dataset
+    return train_sft(dataset=rows, profile=profile, **setup), setup["tokenizer"]
 
 
 def nf4_adapter_model(profile: Profile, adapter_dir: str | Path):

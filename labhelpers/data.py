@@ -16,6 +16,8 @@ padding_free=True)`` passes both to ``SFTConfig``; the assistant-only mask survi
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -87,7 +89,8 @@ def sft_dataset(dataset, tokenizer=None, assistant_only: bool = True):
     ``apply_chat_template(..., return_assistant_tokens_mask=True)`` call TRL makes, so the same ids and
     assistant-only labels, tested), and come back as ``tokenized`` rows; TRL then only truncates them
     to ``max_length``: one pass instead of TRL's four ``datasets.map`` passes (timed in
-    ``docs/measurements.md``), once per training call. Other
+    ``docs/measurements.md``), once per split and tokenizer: the last few tokenized are kept, by content,
+    for the next runs. Other
     formats keep only the columns TRL trains on (``prompt``+``completion``, ``text``, or
     ``input_ids``+``labels``). ``assistant_only=False`` (what ``SFTConfig(assistant_only_loss=False)``
     asks) puts the loss of chat rows on every token, the prompt's and the role markers' too.
@@ -96,10 +99,38 @@ def sft_dataset(dataset, tokenizer=None, assistant_only: bool = True):
 
     fmt = validate_rows(dataset)
     if fmt == "chat" and tokenizer is not None:
-        rows = tokenize_chats(dataset["messages"], tokenizer, max_length=None)
-        return Dataset.from_dict({"input_ids": [r["input_ids"] for r in rows],
-                                  "labels": [r["labels" if assistant_only else "input_ids"] for r in rows]}), "tokenized"
+        conversations = list(dataset["messages"])
+        key = _tokenized_key(conversations, tokenizer, assistant_only)
+        if key is None or key not in _TOKENIZED:
+            rows = tokenize_chats(conversations, tokenizer, max_length=None)
+            tokenized = Dataset.from_dict({"input_ids": [r["input_ids"] for r in rows],
+                                           "labels": [r["labels" if assistant_only else "input_ids"] for r in rows]})
+            if key is None:
+                return tokenized, "tokenized"
+            _TOKENIZED[key] = tokenized
+            while len(_TOKENIZED) > _TOKENIZED_KEPT:
+                _TOKENIZED.pop(next(iter(_TOKENIZED)))
+        _TOKENIZED[key] = _TOKENIZED.pop(key)  # most recently used last
+        return _TOKENIZED[key], "tokenized"
     return dataset.select_columns(FORMAT_COLUMNS[fmt]), fmt
+
+
+# The splits :func:`sft_dataset` tokenized last, by content: a lab trains many runs on one split with one
+# tokenizer (Lab 1's seven methods, Lab 2b's trials), and each run would otherwise tokenize it again
+_TOKENIZED: dict[tuple[str, str, bool], object] = {}
+_TOKENIZED_KEPT = 8
+
+
+def _tokenized_key(conversations: list, tokenizer, assistant_only: bool) -> tuple[str, str, bool] | None:
+    """What :func:`sft_dataset`'s tokenization depends on: the conversations' text, the tokenizer (its
+    vocabulary, merges, normalizer and special tokens, as serialized by the ``tokenizers`` library, and
+    its chat template) and the mask; None for a tokenizer without that serialization (not cached)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    rows = hashlib.sha256(json.dumps(conversations, sort_keys=True, default=str).encode()).hexdigest()
+    spec = [backend.to_str(), tokenizer.chat_template or "", str(tokenizer.eos_token), str(tokenizer.pad_token)]
+    return rows, hashlib.sha256(json.dumps(spec).encode()).hexdigest(), assistant_only
 
 
 FORMAT_COLUMNS = {"chat": ["messages"], "completion": ["prompt", "completion"], "text": ["text"],

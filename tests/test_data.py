@@ -74,6 +74,25 @@ def test_sft_dataset_keeps_only_training_columns():
     assert (ds.column_names, fmt) == (["prompt", "completion"], "completion")
 
 
+def test_a_split_is_tokenized_once_per_tokenizer_and_mask(tokenizer):
+    import copy
+
+    from labhelpers.tasks import load_split
+
+    rows = load_split("code", "train", 6)
+    first, fmt = data.sft_dataset(rows, tokenizer)
+    assert fmt == "tokenized" and data.sft_dataset(load_split("code", "train", 6), tokenizer)[0] is first
+    everything = data.sft_dataset(rows, tokenizer, assistant_only=False)[0]
+    assert everything is not first and everything["labels"] == everything["input_ids"]
+    assert data.sft_dataset(load_split("code", "train", 5), tokenizer)[0]["input_ids"] == first["input_ids"][:5]
+    other = copy.deepcopy(tokenizer)
+    other.chat_template = other.chat_template.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    assert data.sft_dataset(rows, other)[0] is not first  # another template: tokenized again (prefix masks)
+    other.chat_template = "no generation markers, no assistant prefix"
+    with pytest.raises(ValueError):  # a template the masks cannot be read from still fails, cached or not
+        data.sft_dataset(rows, other)
+
+
 @pytest.mark.parametrize("task", ["code", "sql", "arithmetic"])
 def test_chat_rows_tokenized_here_equal_trl_preparation(task, base, tmp_path):
     """labhelpers tokenizes chat rows itself (faster); TRL's own preparation gives the same ids and labels."""

@@ -150,6 +150,8 @@ def _lab4(m: dict) -> None:
     assert m["zero2_max_rank_share"] == pytest.approx(0.75, abs=0.01)
     assert m["zero3_max_rank_share"] == pytest.approx(0.625, abs=0.01)
     assert m["sharding_max_formula_gap_pct"] <= 1.0
+    # averaged gradients: FSDP, ZeRO-2 and ZeRO-3 take the same step as each other, and as one process at first
+    assert m["sharding_max_loss_gap"] < 1e-4
 
 
 def _lab2b(m: dict) -> None:
@@ -183,7 +185,7 @@ REPORTED_ONLY = {
     "claim_merged_lora_is_faster": "wall-clock time on a shared CPU",
     "claim_every_method_learns": "AdaLoRA's warm-up and rank pruning leave it near the base in ci's short budget",
 }
-MIN_CLAIMS = {"lab1_peft": 10, "lab1b_axolotl": 11, "lab2_domain": 12, "lab2b_hyperparameters": 7, "lab3_merging": 10, "lab4_memory": 17}
+MIN_CLAIMS = {"lab1_peft": 10, "lab1b_axolotl": 11, "lab2_domain": 12, "lab2b_hyperparameters": 7, "lab3_merging": 10, "lab4_memory": 18}
 
 
 def _claims_hold(lab: str, m: dict) -> None:

@@ -239,3 +239,24 @@ def test_describe_methods_shows_the_config_each_method_trains_with():
     assert table.loc["qlora", "base weights"].startswith("NF4") and table.loc["full", "setup"].startswith("no peft config")
     assert table.loc["ia3", "learning rate"] == 10 * profile.learning_rate
     assert table.loc["full", "learning rate"] == profile.full_ft_learning_rate
+
+
+def test_forward_ms_times_every_repeat_of_a_fast_pass_and_stops_a_slow_one_at_its_budget():
+    import time
+
+    import torch
+
+    from labhelpers.labs.lab1 import forward_ms
+
+    class Model:
+        def __init__(self, seconds):
+            self.seconds, self.calls = seconds, 0
+
+        def __call__(self, input_ids):
+            self.calls += 1
+            time.sleep(self.seconds)
+
+    fast, slow = Model(0.001), Model(0.05)
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    assert 1 <= forward_ms(fast, ids) < 50 and fast.calls == 2 + 7
+    assert forward_ms(slow, ids, budget_s=0.1) >= 50 and slow.calls == 2 + 3  # min_repeats, then over budget

@@ -36,6 +36,9 @@ from labhelpers.units import MiB
 
 CPU_CONFIG = accelerate_config("fsdp_cpu_2proc")
 PARTS = ("weights", "gradients", "optimizer")
+# gradients clipped to this norm, as the Trainer's default max_grad_norm and the shipped DeepSpeed configs'
+# gradient_clipping do: every run then takes the same step (clipping rescales Adam's later updates)
+MAX_GRAD_NORM = 1.0
 
 
 def local_bytes(tensors) -> int:
@@ -122,6 +125,24 @@ def rank_table(single: list[dict], runs: dict[str, list[dict]]) -> pd.DataFrame:
             row["share of one process"] = sum(r[part] for part in PARTS) / whole
             rows.append(row)
     return pd.DataFrame(rows)
+
+
+def loss_gap(single: list[dict], runs: dict[str, list[dict]]) -> float:
+    """The largest relative difference between the losses of the sharded runs, rank by rank and step by
+    step, against the first of ``runs``, and between that run's first loss on rank 0 and the one
+    process's (the same weights and first batch, before any update). Data parallelism averages the
+    gradients, so every sharding takes the same step: this is about float rounding (1e-7 to 1e-5)."""
+    names = list(runs)
+    if not names:
+        raise ValueError("no sharded run to compare; pass {name: reports} from launch(2, ...)")
+    reference = runs[names[0]]
+    gaps = [abs(reference[0]["losses"][0] - single[0]["losses"][0]) / abs(single[0]["losses"][0])]
+    for name in names[1:]:
+        if [len(r["losses"]) for r in runs[name]] != [len(r["losses"]) for r in reference]:
+            raise ValueError(f"{name} ran other ranks or steps than {names[0]}; launch both with the same options")
+        gaps += [abs(a - b) / abs(b) for ours, theirs in zip(runs[name], reference)
+                 for a, b in zip(ours["losses"], theirs["losses"])]
+    return max(gaps)
 
 
 def shard_layers(model, reshard_after_forward: bool = True) -> None:
@@ -242,6 +263,7 @@ def main(argv=None) -> dict:
             loss = model(**batch).loss
             accelerator.backward(loss)
             grads = local_bytes(p.grad for p in model.parameters())
+            torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)  # the norm over every shard
             optimizer.step()
             optimizer.zero_grad()
             losses.append(float(loss.detach()))

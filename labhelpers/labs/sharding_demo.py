@@ -28,8 +28,7 @@ import pandas as pd
 import torch
 from torch.distributed.fsdp import fully_shard
 
-from labhelpers import profiles
-from labhelpers.memory import make_batch, zero_per_gpu
+from labhelpers import memory, profiles  # memory's parts load on first use: the ranks never import peft
 from labhelpers.models import load_model
 from labhelpers.paths import accelerate_config
 from labhelpers.units import MiB
@@ -105,7 +104,7 @@ def formula_bytes(report: dict) -> dict[str, float]:
     stage = report["zero_stage"] if report["sharding"] != "none" else 0
     optimizer = 12 if report["sharding"] == "deepspeed" else 8
     width = report["bytes_per_weight"]
-    return zero_per_gpu(report["params"], report["world_size"], stage, weight_bytes=width, grad_bytes=width,
+    return memory.zero_per_gpu(report["params"], report["world_size"], stage, weight_bytes=width, grad_bytes=width,
                         optimizer_bytes=optimizer)
 
 
@@ -239,7 +238,7 @@ def main(argv=None) -> dict:
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false") == "true":
         run = _DeepSpeedRun(model, args.batch_size)
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        batch = make_batch(model.config.vocab_size, args.batch_size, args.seq_len, seed=rank)
+        batch = memory.make_batch(model.config.vocab_size, args.batch_size, args.seq_len, seed=rank)
         for _ in range(args.steps):
             loss, grads = run.step(batch)
             losses.append(loss)
@@ -258,7 +257,7 @@ def main(argv=None) -> dict:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         if not (sharded and on_cpu):  # a sharded model is already distributed; prepare would wrap it in DDP
             model, optimizer = accelerator.prepare(model, optimizer)
-        batch = make_batch(model.config.vocab_size, args.batch_size, args.seq_len, seed=rank)
+        batch = memory.make_batch(model.config.vocab_size, args.batch_size, args.seq_len, seed=rank)
         for _ in range(args.steps):
             loss = model(**batch).loss
             accelerator.backward(loss)

@@ -80,7 +80,7 @@ class Profile:
 
 
 REHEARSAL_SUFFIX = "-rehearsal"
-REHEARSAL_STEPS, REHEARSAL_SEQ, REHEARSAL_EVAL, REHEARSAL_TRIALS = 2, 160, 8, 3
+REHEARSAL_STEPS, REHEARSAL_SEQ, REHEARSAL_EVAL, REHEARSAL_TRIALS = 2, 160, 4, 3
 _ATTN_MLP = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 PROFILES: dict[str, Profile] = {

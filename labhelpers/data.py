@@ -101,17 +101,16 @@ def sft_dataset(dataset, tokenizer=None, assistant_only: bool = True):
     if fmt == "chat" and tokenizer is not None:
         conversations = list(dataset["messages"])
         key = _tokenized_key(conversations, tokenizer, assistant_only)
-        if key is None or key not in _TOKENIZED:
+        tokenized = _TOKENIZED.pop(key, None) if key is not None else None
+        if tokenized is None:
             rows = tokenize_chats(conversations, tokenizer, max_length=None)
             tokenized = Dataset.from_dict({"input_ids": [r["input_ids"] for r in rows],
                                            "labels": [r["labels" if assistant_only else "input_ids"] for r in rows]})
-            if key is None:
-                return tokenized, "tokenized"
-            _TOKENIZED[key] = tokenized
+        if key is not None:
+            _TOKENIZED[key] = tokenized  # most recently used last; the oldest go
             while len(_TOKENIZED) > _TOKENIZED_KEPT:
                 _TOKENIZED.pop(next(iter(_TOKENIZED)))
-        _TOKENIZED[key] = _TOKENIZED.pop(key)  # most recently used last
-        return _TOKENIZED[key], "tokenized"
+        return tokenized, "tokenized"
     return dataset.select_columns(FORMAT_COLUMNS[fmt]), fmt
 
 

@@ -105,7 +105,7 @@ def formula_bytes(report: dict) -> dict[str, float]:
     optimizer = 12 if report["sharding"] == "deepspeed" else 8
     width = report["bytes_per_weight"]
     return memory.zero_per_gpu(report["params"], report["world_size"], stage, weight_bytes=width, grad_bytes=width,
-                        optimizer_bytes=optimizer)
+                               optimizer_bytes=optimizer)
 
 
 def rank_table(single: list[dict], runs: dict[str, list[dict]]) -> pd.DataFrame:

@@ -93,6 +93,18 @@ def test_a_split_is_tokenized_once_per_tokenizer_and_mask(tokenizer):
         data.sft_dataset(rows, other)
 
 
+def test_only_the_last_splits_tokenized_are_kept(tokenizer, monkeypatch):
+    from labhelpers.tasks import load_split
+
+    monkeypatch.setattr(data, "_TOKENIZED", {})
+    monkeypatch.setattr(data, "_TOKENIZED_KEPT", 2)
+    code, sql = (data.sft_dataset(load_split(task, "train", 3), tokenizer)[0] for task in ("code", "sql"))
+    assert data.sft_dataset(load_split("code", "train", 3), tokenizer)[0] is code  # used last: sql is now the oldest
+    data.sft_dataset(load_split("arithmetic", "train", 3), tokenizer)
+    assert len(data._TOKENIZED) == 2 and data.sft_dataset(load_split("code", "train", 3), tokenizer)[0] is code
+    assert data.sft_dataset(load_split("sql", "train", 3), tokenizer)[0] is not sql  # evicted, tokenized again
+
+
 @pytest.mark.parametrize("task", ["code", "sql", "arithmetic"])
 def test_chat_rows_tokenized_here_equal_trl_preparation(task, base, tmp_path):
     """labhelpers tokenizes chat rows itself (faster); TRL's own preparation gives the same ids and labels."""

@@ -192,21 +192,23 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batc
 
 
 def evaluate_task(model, tokenizer, task: str, split: str = "test", n: int | None = None,
-                  batch_size: int = 32, progress: bool = False, generation_config=None) -> pd.DataFrame:
+                  batch_size: int = 32, progress: bool = False, generation_config=None,
+                  max_new_tokens: int | None = None) -> pd.DataFrame:
     """Generate for the first ``n`` rows of a split and score them (greedy decoding unless
-    ``generation_config`` says otherwise, see :func:`generate_detailed`).
+    ``generation_config`` says otherwise, see :func:`generate_detailed`), each answer at most the task's
+    ``max_new_tokens`` long, or ``max_new_tokens`` where that is given and smaller.
 
     Returns one row per example: ``id``, ``prompt``, ``reference``, ``completion``, ``correct``,
     ``composition`` (where the task has one), ``new_tokens`` (the answer's length in tokens) and
-    ``stopped`` (the model ended its turn before the task's ``max_new_tokens``).
+    ``stopped`` (the model ended its turn before the generation limit).
     ``df["correct"].mean()`` is the task's score (pass@1 for ``code``, execution accuracy for ``sql``,
     exact match for ``arithmetic``).
     """
     spec = get_task(task)
     rows = list(load_split(task, split, n))
     prompts = [prompt_text(r, tokenizer, spec.format) for r in rows]
-    generations = generate_detailed(model, tokenizer, prompts, spec.max_new_tokens, batch_size, progress,
-                                    generation_config)
+    limit = spec.max_new_tokens if max_new_tokens is None else min(spec.max_new_tokens, max_new_tokens)
+    generations = generate_detailed(model, tokenizer, prompts, limit, batch_size, progress, generation_config)
     completions = [g.text for g in generations]
     return pd.DataFrame({
         "id": [r["id"] for r in rows],
@@ -223,10 +225,11 @@ def evaluate_task(model, tokenizer, task: str, split: str = "test", n: int | Non
 def evaluate(model, tokenizer, task: str, profile: Profile, split: str = "test",
              generation_config=None) -> pd.DataFrame:
     """:func:`evaluate_task` on the profile's evaluation slice (first ``profile.n_eval`` rows, batches
-    of ``profile.eval_batch_size``): the one way the labs score a model. The greedy score of a model
+    of ``profile.eval_batch_size``, answers capped at ``profile.max_new_tokens`` where it is set): the
+    one way the labs score a model. The greedy score of a model
     trained in a tracked run is logged to that run (:mod:`labhelpers.tracking`)."""
     table = evaluate_task(model, tokenizer, task, split, profile.n_eval, profile.eval_batch_size,
-                          generation_config=generation_config)
+                          generation_config=generation_config, max_new_tokens=profile.max_new_tokens)
     if generation_config is None:  # the tracked score is the greedy one, whatever else is tried
         tracking.log_evaluation(model, task, split, float(table["correct"].mean()))
     return table

@@ -55,6 +55,7 @@ class Profile:
     track: bool = True  # write training runs to the experiment tracker when one is set (labhelpers.tracking)
     search_trials: int = 8  # Lab 2b: trials per hyperparameter study (one base size, one task), the defaults first
     search_steps: int = 100  # Lab 2b: optimizer steps of each trial (pruned trials stop at half)
+    max_new_tokens: int | None = None  # at most this many generated tokens per answer (None: the task's own budget)
 
     def with_(self, **changes) -> "Profile":
         """A copy with some fields changed (profiles are frozen)."""
@@ -69,18 +70,19 @@ class Profile:
         ``t4``), quantization, LoRA settings and targets, sequence length and memory planning, with only
         the device and the counts cut to what a CPU runs in minutes: optimizer steps, tokens per step
         (examples per step and the longest sequence: a 151,936-token LM head in fp16 costs seconds per
-        hundred tokens on a CPU) and examples evaluated. The memory plan of the real profile is checked
+        hundred tokens on a CPU), examples evaluated and tokens generated per answer (random weights never
+        end a turn, so every answer runs to the limit: 64 tokens for a code answer without the cap). The memory plan of the real profile is checked
         on the real architectures (``labhelpers.labs.lab4.lab_plan``), not here.
         The hub models are the hub-shaped random-weight stand-ins of :mod:`labhelpers.course.rehearsal`
         (no effect is expected from them; the code path is what is rehearsed)."""
         return self.with_(name=f"{self.name}{REHEARSAL_SUFFIX}", device="cpu", max_steps=REHEARSAL_STEPS,
                           batch_size=2, gradient_accumulation_steps=1, max_seq_length=REHEARSAL_SEQ,
                           n_eval=REHEARSAL_EVAL, eval_batch_size=8, search_trials=REHEARSAL_TRIALS,
-                          search_steps=REHEARSAL_STEPS)
+                          search_steps=REHEARSAL_STEPS, max_new_tokens=REHEARSAL_NEW_TOKENS)
 
 
 REHEARSAL_SUFFIX = "-rehearsal"
-REHEARSAL_STEPS, REHEARSAL_SEQ, REHEARSAL_EVAL, REHEARSAL_TRIALS = 2, 160, 4, 3
+REHEARSAL_STEPS, REHEARSAL_SEQ, REHEARSAL_EVAL, REHEARSAL_TRIALS, REHEARSAL_NEW_TOKENS = 2, 160, 4, 3, 16
 _ATTN_MLP = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 PROFILES: dict[str, Profile] = {

@@ -50,6 +50,23 @@ def test_generations_count_their_tokens_and_say_whether_the_model_stopped(base):
     assert [g.text for g in penalized] != [g.text for g in long]
 
 
+def test_a_profile_caps_the_answers_length_and_never_raises_the_tasks(base, ci_profile):
+    """``Profile.max_new_tokens`` (the rehearsal's: random weights never end a turn) cuts every answer
+    at the cap; a cap above the task's budget leaves the task's; None is the task's."""
+    from labhelpers.evaluation import evaluate
+    from labhelpers.tasks import get_task
+
+    model, tokenizer = base
+    untrained = ci_profile.with_(n_eval=4, eval_batch_size=4)
+    full = evaluate(model, tokenizer, "sql", untrained, "validation")
+    capped = evaluate(model, tokenizer, "sql", untrained.with_(max_new_tokens=3), "validation")
+    above = evaluate(model, tokenizer, "sql", untrained.with_(max_new_tokens=10_000), "validation")
+    assert full["new_tokens"].max() <= get_task("sql").max_new_tokens
+    assert (capped["new_tokens"] <= 3).all() and (capped["stopped"] | (capped["new_tokens"] == 3)).all()
+    assert above["completion"].tolist() == full["completion"].tolist()
+    assert [c[:len(s)] for c, s in zip(full["completion"], capped["completion"])] == capped["completion"].tolist()
+
+
 def test_perplexity_and_blocks(base):
     model, tokenizer = base
     assert perplexity(model, tokenizer, ["1 + 1 = 2\n2 + 2 = 4"] * 40, seq_len=32) < 50

@@ -73,7 +73,7 @@ def test_rehearsal_is_the_gpu_profile_with_only_device_and_counts_changed(gpu):
     real, rehearsed = dataclasses.asdict(profiles.get(gpu)), dataclasses.asdict(profiles.get(f"{gpu}-rehearsal"))
     assert {k for k in real if real[k] != rehearsed[k]} <= {
         "name", "device", "max_steps", "batch_size", "gradient_accumulation_steps", "max_seq_length", "n_eval",
-        "eval_batch_size", "search_trials", "search_steps"}
+        "eval_batch_size", "search_trials", "search_steps", "max_new_tokens"}
     assert rehearsed["device"] == "cpu" and profiles.is_rehearsal(profiles.get(f"{gpu}-rehearsal"))
     assert not profiles.is_rehearsal(profiles.get(gpu))
 

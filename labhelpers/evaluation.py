@@ -191,6 +191,13 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batc
                                               generation_config)]
 
 
+def generation_limit(task: str, cap: int | None = None) -> int:
+    """How many tokens an answer to ``task`` may have: the task's ``max_new_tokens``, or ``cap`` where it is
+    given and smaller (``Profile.max_new_tokens``). The course's scorer and the harness's both read it."""
+    budget = get_task(task).max_new_tokens
+    return budget if cap is None else min(budget, cap)
+
+
 def evaluate_task(model, tokenizer, task: str, split: str = "test", n: int | None = None,
                   batch_size: int = 32, progress: bool = False, generation_config=None,
                   max_new_tokens: int | None = None) -> pd.DataFrame:
@@ -207,8 +214,8 @@ def evaluate_task(model, tokenizer, task: str, split: str = "test", n: int | Non
     spec = get_task(task)
     rows = list(load_split(task, split, n))
     prompts = [prompt_text(r, tokenizer, spec.format) for r in rows]
-    limit = spec.max_new_tokens if max_new_tokens is None else min(spec.max_new_tokens, max_new_tokens)
-    generations = generate_detailed(model, tokenizer, prompts, limit, batch_size, progress, generation_config)
+    generations = generate_detailed(model, tokenizer, prompts, generation_limit(task, max_new_tokens), batch_size,
+                                    progress, generation_config)
     completions = [g.text for g in generations]
     return pd.DataFrame({
         "id": [r["id"] for r in rows],
@@ -226,8 +233,8 @@ def evaluate(model, tokenizer, task: str, profile: Profile, split: str = "test",
              generation_config=None) -> pd.DataFrame:
     """:func:`evaluate_task` on the profile's evaluation slice (first ``profile.n_eval`` rows, batches
     of ``profile.eval_batch_size``, answers capped at ``profile.max_new_tokens`` where it is set): the
-    one way the labs score a model. The greedy score of a model
-    trained in a tracked run is logged to that run (:mod:`labhelpers.tracking`)."""
+    one way the labs score a model. The greedy score of a model trained in a tracked run is logged to
+    that run (:mod:`labhelpers.tracking`)."""
     table = evaluate_task(model, tokenizer, task, split, profile.n_eval, profile.eval_batch_size,
                           generation_config=generation_config, max_new_tokens=profile.max_new_tokens)
     if generation_config is None:  # the tracked score is the greedy one, whatever else is tried

@@ -71,8 +71,9 @@ class Profile:
         the device and the counts cut to what a CPU runs in minutes: optimizer steps, tokens per step
         (examples per step and the longest sequence: a 151,936-token LM head in fp16 costs seconds per
         hundred tokens on a CPU), examples evaluated and tokens generated per answer (random weights never
-        end a turn, so every answer runs to the limit: 64 tokens for a code answer without the cap). The memory plan of the real profile is checked
-        on the real architectures (``labhelpers.labs.lab4.lab_plan``), not here.
+        end a turn, so every answer runs to the limit: 64 tokens for a code answer without the cap). The
+        memory plan of the real profile is checked on the real architectures
+        (``labhelpers.labs.lab4.lab_plan``), not here.
         The hub models are the hub-shaped random-weight stand-ins of :mod:`labhelpers.course.rehearsal`
         (no effect is expected from them; the code path is what is rehearsed)."""
         return self.with_(name=f"{self.name}{REHEARSAL_SUFFIX}", device="cpu", max_steps=REHEARSAL_STEPS,

@@ -38,22 +38,28 @@ def test_the_task_manager_registers_the_course_tasks():
 def test_the_harness_and_the_course_scorers_agree_on_every_example(ci_profile, tmp_path):
     """A model tuned on code and SQL (so that scores are neither 0 nor 1), saved as a folder, scored by
     ``lm_eval.simple_evaluate`` (hf model type, the course's custom tasks) and by the labs' own
-    generation and scorers: the same completion and the same verdict for every example of every task."""
+    generation and scorers: the same completion and the same verdict for every example of every task,
+    also with answers capped by the profile (``max_new_tokens``, as the rehearsal does: 8 cuts code and SQL
+    answers and leaves arithmetic's budget of 4)."""
     from labhelpers.evaluation import evaluate
     from labhelpers.labs import lab3
     from labhelpers.models import load_model
 
     profile = ci_profile.with_(n_eval=60)
     folder, _ = lab3.train_expert(["code", "sql"], profile, tmp_path / "model", 60)
-    by_harness = harness.evaluate_folder(folder, profile, lab3.TASKS)
     model, tokenizer = load_model(profile, str(folder))
-    record = {}
-    for task in lab3.TASKS:
-        ours = evaluate(model, tokenizer, task, profile)
-        assert by_harness[task]["completions"] == ours["completion"].tolist(), task
-        assert by_harness[task]["verdicts"] == ours["correct"].astype(float).tolist(), task
-        assert by_harness[task]["score"] == pytest.approx(ours["correct"].mean())
-        record[task] = {"examples": len(ours), "score": float(ours["correct"].mean())}
+    completions, record = {}, {}
+    for scored in (profile, profile.with_(max_new_tokens=8)):
+        by_harness = harness.evaluate_folder(folder, scored, lab3.TASKS)
+        for task in lab3.TASKS:
+            ours = evaluate(model, tokenizer, task, scored)
+            assert by_harness[task]["completions"] == ours["completion"].tolist(), (task, scored.max_new_tokens)
+            assert by_harness[task]["verdicts"] == ours["correct"].astype(float).tolist(), (task, scored.max_new_tokens)
+            assert by_harness[task]["score"] == pytest.approx(ours["correct"].mean())
+            completions[task, scored.max_new_tokens] = ours["completion"].tolist()
+            record.setdefault(task, {"examples": len(ours), "score": float(ours["correct"].mean())})
     assert any(0 < r["score"] < 1 for r in record.values())  # the agreement is not all zeros or all ones
+    assert completions["code", None] != completions["code", 8]  # the cap reached both generations
+    assert completions["arithmetic", None] == completions["arithmetic", 8]  # and never raised a task's budget
     build_dir().mkdir(exist_ok=True)
     (build_dir() / "harness-agreement.json").write_text(json.dumps(record, indent=1) + "\n")

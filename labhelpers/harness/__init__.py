@@ -25,6 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
+from labhelpers.evaluation import generation_limit
 from labhelpers.profiles import Profile
 from labhelpers.tasks import get_task
 
@@ -76,14 +77,18 @@ def evaluate_folder(folder: str | Path, profile: Profile, tasks: Sequence[str], 
     model = HFLM(pretrained=str(folder), device=profile.device, batch_size=profile.eval_batch_size, dtype=profile.dtype)
     manager = task_manager(split)
     out = {}
-    for chat in (True, False):  # chat tasks through the chat template, completion tasks as raw prompts
-        chosen = [t for t in tasks if (get_task(t).format == "chat") == chat]
-        if not chosen:
-            continue
+    # chat tasks through the chat template, completion tasks as raw prompts; each with the answer length
+    # the course's own scorer allows (the task's budget, or the profile's cap where smaller)
+    groups: dict[tuple[bool, int], list[str]] = {}
+    for task in tasks:
+        key = (get_task(task).format == "chat", generation_limit(task, profile.max_new_tokens))
+        groups.setdefault(key, []).append(task)
+    for (chat, max_gen_toks), chosen in groups.items():
+        capped = None if profile.max_new_tokens is None else {"max_gen_toks": max_gen_toks}
         with _quiet():
             run = lm_eval.simple_evaluate(model=model, tasks=[harness_task(t) for t in chosen], task_manager=manager,
                                           limit=profile.n_eval, apply_chat_template=chat, log_samples=True,
-                                          bootstrap_iters=0, verbosity="ERROR")
+                                          bootstrap_iters=0, verbosity="ERROR", gen_kwargs=capped)
         for task in chosen:
             name, metric = harness_task(task), METRICS[task]
             samples = sorted(run["samples"][name], key=lambda s: s["doc_id"])

@@ -15,7 +15,9 @@ NOTEBOOK_PROFILES ?= ci cpu
 KERNEL := sftlabs
 # Axolotl (Lab 1b) runs from its own environment: its pins conflict with the course's (tools/axolotl).
 AXOLOTL_VENV ?= .venv-axolotl
-AXOLOTL_PYTHON ?= python3.11
+# axolotl 0.19.0 runs on Python 3.10 and newer: python3.11 where the machine has it (this one's torch wheel
+# on disk is for 3.11), else the course's Python (Colab's 3.12)
+AXOLOTL_PYTHON ?= $(if $(shell command -v python3.11 2>/dev/null),python3.11,$(PYTHON))
 export SFTLABS_AXOLOTL_ENV := $(abspath $(AXOLOTL_VENV))
 # Unsloth (Lab 1b's optional backend) too: it caps transformers, trl and datasets below the course's (tools/unsloth).
 UNSLOTH_VENV ?= .venv-unsloth

@@ -29,6 +29,19 @@ def model_source(name: str) -> str:
     return name
 
 
+def local_checkpoint(name: str) -> Path:
+    """A local folder with the safetensors weights, config and tokenizer of a shipped size, a path, or
+    a hub id: its snapshot in the hub cache, downloaded on first use (weights as safetensors only),
+    found there offline (``HF_HUB_OFFLINE=1``: then a model missing from the cache raises, naming it).
+    For programs that take a folder: Axolotl's ``base_model``, Unsloth, merges written from the base."""
+    source = model_source(name)
+    if Path(source).exists():
+        return Path(source)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(source, allow_patterns=["*.safetensors", "*.json", "*.model", "*.txt", "*.jinja"]))
+
+
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
 

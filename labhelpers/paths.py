@@ -12,6 +12,13 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def course_dir() -> Path:
+    """The course's checkout: its Makefile, ``tools/`` and the tools' own environments (``.venv-axolotl``).
+    ``SFTLABS_COURSE_DIR`` where set (the Colab setup cell sets it to its clone: there the package is
+    installed from it, so :data:`REPO_ROOT` is the site-packages folder), else :data:`REPO_ROOT`."""
+    return Path(os.environ.get("SFTLABS_COURSE_DIR") or REPO_ROOT)
+
+
 def data_dir() -> Path:
     """Directory holding the JSONL task files and ``base-model*/`` folders."""
     return Path(os.environ.get("SFTLABS_DATA", REPO_ROOT / "data"))

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from labhelpers.paths import REPO_ROOT
+from labhelpers.paths import course_dir
 
 # offline (no model hub here, and a course run never depends on one), no telemetry, no tokenizer threads
 _QUIET = {"DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -22,7 +22,7 @@ _QUIET = {"DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"
 
 @dataclass(frozen=True)
 class ToolEnvironment:
-    """A tool's own environment: ``$<variable>``, else ``<repo>/<folder>``, built by ``make <target>``."""
+    """A tool's own environment: ``$<variable>``, else ``<course checkout>/<folder>``, built by ``make <target>``."""
 
     name: str  # how errors name the tool, e.g. "Axolotl"
     variable: str  # the environment variable that points elsewhere, e.g. SFTLABS_AXOLOTL_ENV
@@ -32,11 +32,14 @@ class ToolEnvironment:
     extra: dict[str, str] = field(default_factory=dict)  # the tool's own switches (telemetry off ...)
 
     def path(self) -> Path:
-        """The environment's folder. Raises FileNotFoundError naming the fix when it holds no :attr:`program`."""
-        env = Path(os.environ.get(self.variable) or REPO_ROOT / self.folder)
+        """The environment's folder (``$<variable>``, else :attr:`folder` in the course's checkout,
+        :func:`labhelpers.paths.course_dir`). Raises FileNotFoundError naming the fix when it holds no
+        :attr:`program`."""
+        course = course_dir()
+        env = Path(os.environ.get(self.variable) or course / self.folder)
         if not (env / "bin" / self.program).exists():
             raise FileNotFoundError(
-                f"{self.name}'s environment is missing at {env}: run `make -C {REPO_ROOT} {self.target}` (it builds "
+                f"{self.name}'s environment is missing at {env}: run `make -C {course} {self.target}` (it builds "
                 f"{self.folder} with {self.name}'s own pins, tools/{self.target}/requirements.txt), or set "
                 f"{self.variable} to an environment that has {self.program} installed")
         return env

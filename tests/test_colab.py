@@ -41,6 +41,22 @@ def test_setup_cell_does_nothing_outside_colab(monkeypatch):
     assert dict(os.environ) == before
 
 
+def test_setup_cell_on_colab_clones_installs_and_points_the_course_at_the_clone(monkeypatch):
+    """What the cell runs on Colab (its commands recorded, not run) and what it leaves set: the data and
+    the checkout (Lab 1b's tool environments are built and looked for there) are the clone's."""
+    commands = []
+    monkeypatch.setattr(subprocess, "run", lambda command, **kwargs: commands.append(command))
+    monkeypatch.setenv("SFTLABS_COLAB", "1")
+    for name in ("SFTLABS_COURSE_DIR", "SFTLABS_DATA", "HF_HUB_OFFLINE"):  # unset here, restored after the test
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    exec(colab.setup_cell_source(), {})
+    clone = "/content/sft-labs"
+    assert commands[0][:2] == ["git", "clone"] and commands[0][-1] == clone
+    assert commands[1] == [sys.executable, "-m", "pip", "install", "--quiet", clone]
+    assert os.environ["SFTLABS_COURSE_DIR"] == clone and os.environ["SFTLABS_DATA"] == f"{clone}/data"
+
+
 def _first_cells(notebook: Path, n: int) -> str:
     nb = json.loads(notebook.read_text())
     sources = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"][:n]
@@ -82,28 +98,74 @@ COLAB_PYTHON = "3.12"  # Colab's runtime
 # pure-Python wheel (checked below; deepspeed compiles no op unless asked), so Colab installs them without
 # a compiler
 PURE_PYTHON_SDISTS = ("sqlitedict==2.1.0", "word2number==1.1", "rouge-score==0.1.2", "deepspeed==0.19.8")
+# the same for the pins of Lab 1b's tool environments (tools/<tool>/requirements.txt), by name
+TOOLS, TOOL_SDISTS = ("axolotl", "unsloth"), ("axolotl-contribs-lgpl", "axolotl-contribs-mit", "langdetect",
+                                              "rouge-score", "sqlitedict", "word2number")
+
+
+def _normalized(name: str) -> str:
+    return name.lower().replace("_", "-")
+
+
+def _pins(requirements: Path) -> dict[str, str]:
+    """``{name: version}`` of every ``name==version`` line of a requirements file."""
+    return {_normalized(n): v for n, v in re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)$", requirements.read_text(), re.M)}
+
+
+def _resolved(report: Path) -> dict[str, str]:
+    return {_normalized(i["metadata"]["name"]): i["metadata"]["version"] for i in json.loads(report.read_text())["install"]}
+
+
+@pytest.fixture(scope="module")
+def source_only_wheels(tmp_path_factory) -> Path:
+    """The source-only packages of the course's and the tools' pins, built into ``py3-none-any`` wheels."""
+    wheels = tmp_path_factory.mktemp("wheels")
+    tool_pins = {f"{name}=={version}" for tool in TOOLS
+                 for name, version in _pins(REPO_ROOT / "tools" / tool / "requirements.txt").items() if name in TOOL_SDISTS}
+    wanted = {*PURE_PYTHON_SDISTS, *tool_pins}
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(wheels), *sorted(wanted)],
+                   check=True, capture_output=True, timeout=600)
+    built = sorted(w.name for w in wheels.glob("*.whl"))
+    assert len(built) == len(wanted) and all(w.endswith("-py3-none-any.whl") for w in built), built
+    return wheels
 
 
 @pytest.mark.slow
-def test_the_install_set_resolves_for_colabs_python(tmp_path):
+def test_the_install_set_resolves_for_colabs_python(tmp_path, source_only_wheels):
     """What the setup cell installs (this package and its pins) resolves for Colab's Python with
     binary wheels only, but for the few pure-Python source packages of :data:`PURE_PYTHON_SDISTS`,
     built here into ``py3-none-any`` wheels: pip's own resolver, without installing (network: the
     package index)."""
-    wheels = tmp_path / "wheels"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(wheels),
-                    *PURE_PYTHON_SDISTS], check=True, capture_output=True, timeout=600)
-    built = sorted(w.name for w in wheels.glob("*.whl"))
-    assert len(built) == len(PURE_PYTHON_SDISTS) and all(w.endswith("-py3-none-any.whl") for w in built), built
+    wheels = source_only_wheels
     report = tmp_path / "report.json"
     out = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--ignore-installed",
                           "--report", str(report), "--python-version", COLAB_PYTHON, "--only-binary=:all:",
                           "--find-links", str(wheels), "--target", str(tmp_path / "target"), str(REPO_ROOT)],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    resolved = {i["metadata"]["name"].lower().replace("_", "-"): i["metadata"]["version"]
-                for i in json.loads(report.read_text())["install"]}
+    resolved = _resolved(report)
     pins = re.findall(r'"([A-Za-z0-9_.-]+)==([^"]+)"', (REPO_ROOT / "pyproject.toml").read_text().split("[project.optional")[0])
     assert pins and all(resolved.get(name.lower().replace("_", "-")) == version for name, version in pins), \
         {name: resolved.get(name.lower().replace("_", "-")) for name, _ in pins}
     assert "torch" in resolved  # on Colab its preinstalled torch satisfies torch>=2.4 and stays
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tool", TOOLS)
+def test_the_tools_pins_resolve_with_pypis_cuda_torch_for_colabs_python(tool, tmp_path, source_only_wheels):
+    """``make axolotl`` / ``make unsloth`` on a GPU machine or on Colab (the Makefile falls back to Colab's
+    Python where python3.11 is missing): pip resolves the tool's whole pin set against the package index's
+    torch 2.13.0, the CUDA build, which requires one triton release. ``--isolated`` leaves out this
+    machine's pip settings, which offer torch's CPU build from its disk (it requires no triton, so a wrong
+    triton pin resolves here and nowhere else)."""
+    requirements = REPO_ROOT / "tools" / tool / "requirements.txt"
+    report = tmp_path / "report.json"
+    out = subprocess.run([sys.executable, "-m", "pip", "install", "--isolated", "--dry-run", "--quiet",
+                          "--ignore-installed", "--report", str(report), "--python-version", COLAB_PYTHON,
+                          "--only-binary=:all:", "--find-links", str(source_only_wheels),
+                          "--target", str(tmp_path / "target"), "-r", str(requirements)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    resolved, pins = _resolved(report), _pins(requirements)
+    assert {name: resolved.get(name) for name in pins} == pins
+    assert resolved["torch"] == "2.13.0" and any(name.startswith("nvidia-") for name in resolved)  # the CUDA build

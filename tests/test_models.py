@@ -111,3 +111,18 @@ def test_unwrap_peft_returns_the_transformers_model(base):
     wrapped = get_peft_model(copy.deepcopy(model), LoraConfig(r=2, target_modules=["q_proj"]))
     inner = models.unwrap_peft(wrapped)
     assert type(inner).__name__ == type(model).__name__ and inner is wrapped.base_model.model
+
+
+def test_local_checkpoint_is_the_shipped_folder_or_the_hub_snapshot(rehearsal_hub):
+    """What Axolotl, Unsloth and the merges read: the shipped folder, or the hub model's snapshot
+    (downloaded on first use where a hub is reachable; found in the cache offline, as here)."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from labhelpers.course import rehearsal
+
+    assert models.local_checkpoint("tiny") == base_model_dir("tiny")
+    hub_id = "Qwen/Qwen2.5-Coder-0.5B-Instruct"
+    folder = models.local_checkpoint(hub_id)
+    assert folder == rehearsal.snapshot_dir(hub_id, rehearsal_hub) and (folder / "config.json").exists()
+    with pytest.raises(LocalEntryNotFoundError, match="HF_HUB_OFFLINE"):  # offline, and not in the cache
+        models.local_checkpoint("Qwen/No-Such-Model")

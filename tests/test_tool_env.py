@@ -1,5 +1,6 @@
 """Tools in their own environments (labhelpers.tool_env): where they are, how their programs run."""
 
+import re
 import sys
 from pathlib import Path
 
@@ -34,3 +35,18 @@ def test_run_logged_keeps_the_log_and_a_failure_shows_its_end(tmp_path):
         run_logged([sys.executable, "-c", script], tmp_path / "bad.log")
     assert "line 0\n" not in str(failure.value)  # the end of the log, not all of it
     assert (tmp_path / "bad.log").read_text().count("line") == 40
+
+
+def test_without_its_variable_it_is_looked_for_in_the_course_checkout(tmp_path, monkeypatch):
+    """On Colab the package is installed from the clone (the setup cell sets SFTLABS_COURSE_DIR to it), so
+    the environment and the `make -C` of the fix are the clone's, not the installed package's folder."""
+    from labhelpers.paths import REPO_ROOT
+
+    monkeypatch.delenv(TOOL.variable, raising=False)
+    clone = tmp_path / "sft-labs"
+    monkeypatch.setenv("SFTLABS_COURSE_DIR", str(clone))
+    with pytest.raises(FileNotFoundError, match=re.escape(f"missing at {clone / '.venv-tool'}: run `make -C {clone} tool`")):
+        TOOL.path()
+    monkeypatch.delenv("SFTLABS_COURSE_DIR")
+    with pytest.raises(FileNotFoundError, match=re.escape(f"missing at {REPO_ROOT / '.venv-tool'}: run `make -C {REPO_ROOT} tool`")):
+        TOOL.path()

@@ -3,7 +3,8 @@
 The setup cell does nothing outside Colab. On Colab it clones this course at the release tag (the
 package *and* its data: shipped base models, task files, architecture configs), installs the package
 with its pinned dependencies (``torch`` is left as Colab ships it: the package asks only for
-``torch>=2.4``), and points ``SFTLABS_DATA`` at the clone. The ``auto`` profile then picks ``t4`` on
+``torch>=2.4``), and points ``SFTLABS_DATA`` and ``SFTLABS_COURSE_DIR`` at the clone (Lab 1b's
+Axolotl and Unsloth environments are built there with ``make -C <clone> axolotl unsloth``). The ``auto`` profile then picks ``t4`` on
 a GPU runtime and ``cpu`` otherwise.
 
 Forks: set ``COURSE_REPOSITORY`` (and tag releases as ``v<version>``), then ``make release``.
@@ -49,6 +50,7 @@ if "google.colab" in sys.modules or os.environ.get("SFTLABS_COLAB") == "1":
     # pinned versions of everything but torch, which stays as the runtime ships it
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", str(course)], check=True)
     os.environ["SFTLABS_DATA"] = str(course / "data")
+    os.environ["SFTLABS_COURSE_DIR"] = str(course)  # its Makefile builds Lab 1b's tool environments there
     os.environ.setdefault("HF_HUB_OFFLINE", "0")
     import importlib
 

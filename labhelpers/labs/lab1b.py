@@ -15,7 +15,7 @@ import torch
 
 from labhelpers import axolotl_cli
 from labhelpers.data import tokenize_chats
-from labhelpers.models import load_model, model_source, quantization_config
+from labhelpers.models import load_model, local_checkpoint, quantization_config
 from labhelpers.peft_methods import peft_config, prepare
 from labhelpers.profiles import Profile
 from labhelpers.quantization import CheckReport
@@ -46,13 +46,9 @@ def write_train_split(path: str | Path, task: str = TASK) -> Path:
 
 def base_model_path(profile: Profile) -> str:
     """A local folder of the profile's base model, for Axolotl's ``base_model``: the shipped model's
-    folder, or the hub model's snapshot in the local cache (runs are offline)."""
-    source = model_source(profile.base_model)
-    if Path(source).exists():
-        return source
-    from huggingface_hub import snapshot_download
-
-    return snapshot_download(source, local_files_only=True)
+    folder, or the hub model's snapshot (downloaded by the course on first use, where a hub is
+    reachable: Axolotl and Unsloth themselves run offline), :func:`labhelpers.models.local_checkpoint`."""
+    return str(local_checkpoint(profile.base_model))
 
 
 def recipe_settings(profile: Profile, data_path: str | Path) -> dict:

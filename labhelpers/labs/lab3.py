@@ -16,21 +16,11 @@ from tqdm.auto import tqdm
 from labhelpers.evaluation import SELECTION_SPLIT, mean_over_seeds, scores, select_best
 from labhelpers.harness import score_folder as harness_score_folder
 from labhelpers.merging import NEEDS_BASE, Checkpoint, merge_checkpoints, preservation
-from labhelpers.models import load_model, model_source
+from labhelpers.models import load_model, local_checkpoint  # local_checkpoint: the notebook calls lab3.local_checkpoint
 from labhelpers.tasks import load_split, task_rows
 from labhelpers.training import fine_tune
 
 TASKS = ("code", "sql", "arithmetic")
-
-
-def local_checkpoint(name: str) -> Path:
-    """A folder with safetensors weights for a shipped size, a path, or a hub id (downloaded once)."""
-    source = model_source(name)
-    if Path(source).exists():
-        return Path(source)
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(source, allow_patterns=["*.safetensors", "*.json", "*.model", "*.txt", "*.jinja"]))
 
 
 def save_model(model, tokenizer, folder: str | Path) -> Path:

@@ -43,8 +43,8 @@ help:
 	@echo "make gpu-smoke  unit tests, then each lab's core path on a CUDA machine -> build/gpu-smoke.json (STAND_INS=1: offline, hub-shaped stand-ins; DRY_RUN=1: on the CPU, smoke profile)"
 	@echo "make bench-notebooks   run every lab in the ci and cpu profiles now and time them (every lab twice: tens of minutes on 2 cores)"
 	@echo "make check LAB=...  run your notebook the way the grader does and list which exercises pass"
-	@echo "make axolotl  Axolotl's own environment (.venv-axolotl) for Lab 1b; make labs, rehearse and test build it"
-	@echo "make unsloth  Unsloth's own environment (.venv-unsloth), Lab 1b's optional backend; make labs, rehearse and test build it"
+	@echo "make axolotl  Axolotl's own environment (.venv-axolotl) for Lab 1b; make labs, rehearse, test and gpu-smoke (not with STAND_INS=1) build it"
+	@echo "make unsloth  Unsloth's own environment (.venv-unsloth), Lab 1b's optional backend; make labs, rehearse, test and gpu-smoke (not with STAND_INS=1) build it"
 	@echo "make setup | data | base-model [SIZE=micro|tiny|small] [STEPS=n] | release | jupyter | autograde LAB=... | feedback LAB=... | grades"
 
 $(VENV)/.installed: pyproject.toml
@@ -135,7 +135,9 @@ bench: setup
 bench-notebooks: setup
 	$(PY) -m labhelpers.course.bench --only notebooks --run-notebooks $(NOTEBOOK_PROFILES) --out build
 
-gpu-smoke: setup
+# Lab 1b's tool environments are built with the rest; STAND_INS=1 (a GPU machine without a network) uses them
+# where they are and reports Lab 1b's parts as failed where not, running every other lab
+gpu-smoke: $(if $(STAND_INS),setup,environments)
 	$(PY) -m labhelpers.course.gpu_smoke --out build/gpu-smoke.json $(if $(DRY_RUN),--dry-run) $(if $(STAND_INS),--stand-ins)
 
 release: setup

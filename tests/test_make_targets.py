@@ -112,6 +112,20 @@ def test_every_target_the_readme_names_is_run_through_make():
     assert all(re.search(rf"^{re.escape(t)}:", makefile, re.M) for t in named), "the README names a missing target"
 
 
+@pytest.mark.parametrize("target", ["labs", "test", "rehearse", "gpu-smoke"])
+def test_every_target_that_runs_lab_1b_builds_its_tool_environments_first(target, tmp_path):
+    """Each of these runs Lab 1b (Axolotl, Unsloth): where the tools' environments are missing, it builds them
+    (a dry run: ``make -n`` prints what it would do and runs only the recursive make)."""
+    tools = {"Axolotl": tmp_path / "ax", "Unsloth": tmp_path / "un"}
+    proc = make(REPO_ROOT, "-n", target, f"AXOLOTL_VENV={tools['Axolotl']}", f"UNSLOTH_VENV={tools['Unsloth']}")
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    for tool, folder in tools.items():
+        assert f"installing {tool}'s environment into {folder} " in proc.stdout, (tool, proc.stdout[-3000:])
+    if target == "gpu-smoke":  # but offline (STAND_INS=1, no package index) it runs with what is there
+        offline = make(REPO_ROOT, "-n", target, "STAND_INS=1", *proc.args[-2:])
+        assert offline.returncode == 0 and "installing" not in offline.stdout, offline.stdout[-3000:]
+
+
 @pytest.mark.slow
 def test_make_labs_from_a_scratch_checkout(tmp_path):
     repo = scratch_repo(tmp_path / "repo", {"demo_lab": fixture_lab("demo_lab")})

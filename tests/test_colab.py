@@ -152,7 +152,7 @@ def test_the_install_set_resolves_for_colabs_python(tmp_path, source_only_wheels
 
 @pytest.mark.slow
 @pytest.mark.parametrize("tool", TOOLS)
-def test_the_tools_pins_resolve_with_pypis_cuda_torch_for_colabs_python(tool, tmp_path, source_only_wheels):
+def test_the_tools_pins_resolve_with_the_cuda_torch_for_colabs_python(tool, tmp_path, source_only_wheels):
     """``make axolotl`` / ``make unsloth`` on a GPU machine or on Colab (the Makefile falls back to Colab's
     Python where python3.11 is missing): pip resolves the tool's whole pin set against the package index's
     torch 2.13.0, the CUDA build, which requires one triton release. ``--isolated`` leaves out this

@@ -112,7 +112,16 @@ def _pins(requirements: Path) -> dict[str, str]:
     return {_normalized(n): v for n, v in re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)$", requirements.read_text(), re.M)}
 
 
-def _resolved(report: Path) -> dict[str, str]:
+def _resolve_for_colab(tmp_path: Path, wheels: Path, *what: str, isolated: bool = False) -> dict[str, str]:
+    """``{name: version}`` of what pip's resolver picks for ``what`` on Colab's Python, binary wheels only
+    (``wheels``: the source-only packages, built), without installing; ``isolated`` leaves out this
+    machine's pip settings."""
+    report = tmp_path / "report.json"
+    out = subprocess.run([sys.executable, "-m", "pip", "install", *(["--isolated"] if isolated else []), "--dry-run",
+                          "--quiet", "--ignore-installed", "--report", str(report), "--python-version", COLAB_PYTHON,
+                          "--only-binary=:all:", "--find-links", str(wheels), "--target", str(tmp_path / "target"),
+                          *what], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
     return {_normalized(i["metadata"]["name"]): i["metadata"]["version"] for i in json.loads(report.read_text())["install"]}
 
 
@@ -136,17 +145,10 @@ def test_the_install_set_resolves_for_colabs_python(tmp_path, source_only_wheels
     binary wheels only, but for the few pure-Python source packages of :data:`PURE_PYTHON_SDISTS`,
     built here into ``py3-none-any`` wheels: pip's own resolver, without installing (network: the
     package index)."""
-    wheels = source_only_wheels
-    report = tmp_path / "report.json"
-    out = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--ignore-installed",
-                          "--report", str(report), "--python-version", COLAB_PYTHON, "--only-binary=:all:",
-                          "--find-links", str(wheels), "--target", str(tmp_path / "target"), str(REPO_ROOT)],
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    resolved = _resolved(report)
+    resolved = _resolve_for_colab(tmp_path, source_only_wheels, str(REPO_ROOT))
     pins = re.findall(r'"([A-Za-z0-9_.-]+)==([^"]+)"', (REPO_ROOT / "pyproject.toml").read_text().split("[project.optional")[0])
-    assert pins and all(resolved.get(name.lower().replace("_", "-")) == version for name, version in pins), \
-        {name: resolved.get(name.lower().replace("_", "-")) for name, _ in pins}
+    assert pins and all(resolved.get(_normalized(name)) == version for name, version in pins), \
+        {name: resolved.get(_normalized(name)) for name, _ in pins}
     assert "torch" in resolved  # on Colab its preinstalled torch satisfies torch>=2.4 and stays
 
 
@@ -159,13 +161,7 @@ def test_the_tools_pins_resolve_with_the_cuda_torch_for_colabs_python(tool, tmp_
     machine's pip settings, which offer torch's CPU build from its disk (it requires no triton, so a wrong
     triton pin resolves here and nowhere else)."""
     requirements = REPO_ROOT / "tools" / tool / "requirements.txt"
-    report = tmp_path / "report.json"
-    out = subprocess.run([sys.executable, "-m", "pip", "install", "--isolated", "--dry-run", "--quiet",
-                          "--ignore-installed", "--report", str(report), "--python-version", COLAB_PYTHON,
-                          "--only-binary=:all:", "--find-links", str(source_only_wheels),
-                          "--target", str(tmp_path / "target"), "-r", str(requirements)],
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    resolved, pins = _resolved(report), _pins(requirements)
+    resolved = _resolve_for_colab(tmp_path, source_only_wheels, "-r", str(requirements), isolated=True)
+    pins = _pins(requirements)
     assert {name: resolved.get(name) for name in pins} == pins
     assert resolved["torch"] == "2.13.0" and any(name.startswith("nvidia-") for name in resolved)  # the CUDA build

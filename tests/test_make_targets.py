@@ -117,12 +117,13 @@ def test_every_target_that_runs_lab_1b_builds_its_tool_environments_first(target
     """Each of these runs Lab 1b (Axolotl, Unsloth): where the tools' environments are missing, it builds them
     (a dry run: ``make -n`` prints what it would do and runs only the recursive make)."""
     tools = {"Axolotl": tmp_path / "ax", "Unsloth": tmp_path / "un"}
-    proc = make(REPO_ROOT, "-n", target, f"AXOLOTL_VENV={tools['Axolotl']}", f"UNSLOTH_VENV={tools['Unsloth']}")
+    missing = (f"AXOLOTL_VENV={tools['Axolotl']}", f"UNSLOTH_VENV={tools['Unsloth']}")
+    proc = make(REPO_ROOT, "-n", target, *missing)
     assert proc.returncode == 0, proc.stdout[-3000:]
     for tool, folder in tools.items():
         assert f"installing {tool}'s environment into {folder} " in proc.stdout, (tool, proc.stdout[-3000:])
     if target == "gpu-smoke":  # but offline (STAND_INS=1, no package index) it runs with what is there
-        offline = make(REPO_ROOT, "-n", target, "STAND_INS=1", *proc.args[-2:])
+        offline = make(REPO_ROOT, "-n", target, "STAND_INS=1", *missing)
         assert offline.returncode == 0 and "installing" not in offline.stdout, offline.stdout[-3000:]
 
 

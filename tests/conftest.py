@@ -43,3 +43,10 @@ def base(ci_profile):
 @pytest.fixture(scope="session")
 def tokenizer(base):
     return base[1]
+
+
+def pytest_terminal_summary(terminalreporter):
+    """A line naming the processor in pytest's closing summary: how long the notebooks take depends on it (README)."""
+    from labhelpers.course.runner import processor
+
+    terminalreporter.write_line(f"processor: {processor()}")

@@ -17,6 +17,7 @@ import html
 import json
 import os
 import platform
+import re
 import shutil
 import sys
 import time
@@ -199,6 +200,7 @@ def write_summary(runs: list[LabRun], out: Path, profile: str) -> Path:
     where it failed (if it did) and every metric it recorded. ``out`` must be the resolved folder."""
     passed = sum(run.passed for run in runs)
     lines = [f"# SFT Labs results (profile `{profile}`)", "", f"{passed} of {len(runs)} labs passed.", "",
+             f"Processor: {processor()} (run times depend on it: README, The labs).", "",
              "| lab | status | run time (s) |", "|---|---|---|",
              *[f"| {run.lab} | {_status(run)} | {run.seconds:.0f} |" for run in runs], ""]
     for run in runs:
@@ -228,9 +230,30 @@ def write_summary(runs: list[LabRun], out: Path, profile: str) -> Path:
 REPORT_PACKAGES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "datasets", "accelerate", "nbgrader")
 
 
+# the CPU units that set how fast a CPU multiplies matrices in float32, bfloat16 and float16: on 2 cores the
+# same `make test` took 35 minutes on a processor with AMX and AVX-512 FP16, 52 to 68 on earlier days (README)
+MATRIX_UNITS = ("amx_bf16", "amx_fp16", "avx512_fp16", "avx512_bf16", "avx512f", "avx2")
+
+
+def processor(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU a run had, for reading its run times: its model, the cores this process may use, and
+    which of :data:`MATRIX_UNITS` it has (``/proc/cpuinfo`` where the system has one, else the model
+    name Python knows)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if not cpuinfo.exists():
+        return f"{platform.processor() or platform.machine()}, {cores} cores"
+    text = cpuinfo.read_text()
+    model = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
+    flags = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
+    units = [u for u in MATRIX_UNITS if flags and u in flags.group(1).split()]
+    name = model.group(1).strip() if model else platform.machine()
+    return f"{name}, {cores} cores, {' '.join(units) if units else 'none of ' + '/'.join(MATRIX_UNITS)}"
+
+
 def environment() -> dict[str, str]:
-    """Python and the versions of the packages the labs run on."""
-    out = {"python": platform.python_version(), "machine": f"{platform.system()} {platform.machine()}"}
+    """Python, the processor and the versions of the packages the labs run on."""
+    out = {"python": platform.python_version(), "machine": f"{platform.system()} {platform.machine()}",
+           "processor": processor()}
     for name in REPORT_PACKAGES:
         try:
             out[name] = version(name)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import platform
 import statistics
 import subprocess
@@ -39,7 +38,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from labhelpers import profiles, sandbox
 from labhelpers import quantization as Q
-from labhelpers.course.runner import run_labs
+from labhelpers.course.runner import processor, run_labs
 from labhelpers.data import tokenize_rows
 from labhelpers.labs import lab4
 from labhelpers.models import load_model, load_tokenizer
@@ -367,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     profile = profiles.get("ci")
     results = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "repeats": args.repeats,
-               "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"}
+               "machine": f"{platform.machine()} {processor()}, torch {torch.__version__}"}
     if "training" in args.only:
         results["training"] = bench_training(profile, 4 if args.quick else args.steps, args.repeats)
     if "merging" in args.only:

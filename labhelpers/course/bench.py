@@ -9,7 +9,9 @@ Every comparison runs its contenders interleaved, ``--repeats`` times, and repor
   padding-free batching vs TRL's ``SFTTrainer`` with its defaults (random padded batches, gradient
   checkpointing, the fused log-prob head) vs a plain PyTorch loop (random padded batches, the model's
   own loss); same model, rows, batch size and steps; real (non-padding) tokens per second, data
-  preparation included, with the range of the ratio to TRL over the repetitions.
+  preparation included, with the range of the ratio to TRL over the repetitions. Measured twice: on
+  the shipped tiny model (``ci``) and on the real model (SmolLM2-135M-Instruct, ``make real-model``,
+  :func:`labhelpers.profiles.on_real_model`; fewer steps, since each takes seconds).
 * **Merging**: :func:`labhelpers.merging.merge_checkpoints` (streaming, by chunks) vs loading whole
   state dicts, task arithmetic, and streamed TIES, on locally built models of 162M and 276M parameters
   (12 and 24 layers, same largest tensor): wall time and peak RSS of a subprocess, also as a multiple
@@ -38,6 +40,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from labhelpers import profiles, sandbox
 from labhelpers import quantization as Q
+from labhelpers.course.bench_report import write
 from labhelpers.course.runner import processor, run_labs
 from labhelpers.data import tokenize_rows
 from labhelpers.labs import lab4
@@ -141,7 +144,8 @@ def bench_training(profile, steps: int, repeats: int) -> dict:
         # each repetition's ratio (the two ran a few seconds apart): the spread the machine's noise allows
         paired = [trl / own for trl, own in zip(seconds["trl_default"], seconds[name])]
         out[name]["vs_trl_default_range"] = [min(paired), max(paired)]
-    return {"steps": steps, "batch_size": profile.batch_size, "real_tokens": tokens, "contenders": out}
+    return {"model": profile.base_model, "steps": steps, "batch_size": profile.batch_size, "real_tokens": tokens,
+            "contenders": out}
 
 
 # ------------------------------------------------------------------------------------------- merging
@@ -293,72 +297,15 @@ def notebook_timings(root: Path | None = None) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------- report
-def write(results: dict, out: Path) -> tuple[Path, Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
-    lines = ["# SFT Labs benchmark", "", f"Measured {results['when']} on {results['machine']}; medians of "
-             f"{results['repeats']} interleaved repetitions.", ""]
-    if "training" in results:
-        t = results["training"]
-        lines += ["## SFT throughput (code task, real tokens per second)", "",
-                  f"{t['steps']} steps of batch {t['batch_size']}, {t['real_tokens']} real tokens per run.", "",
-                  "| path | seconds | tokens/s | vs TRL default | range over repetitions |", "|---|---|---|---|---|"]
-        lines += [f"| {k} | {v['seconds']:.2f} | {v['tokens_per_s']:.0f} | {v['vs_trl_default']:.2f}x | "
-                  f"{v['vs_trl_default_range'][0]:.2f}-{v['vs_trl_default_range'][1]:.2f}x |"
-                  for k, v in t["contenders"].items()]
-        lines.append("")
-    if "merging" in results:
-        lines += ["## Merging: streaming vs whole state dicts (2 experts + base, float32)", "",
-                  "Task arithmetic streamed by labhelpers.merging, the same loaded as whole state dicts, and TIES "
-                  "(density 0.2) streamed. Peak RSS is the growth over the process's resident size after its "
-                  "imports; x largest = peak RSS / the largest tensor's size.", "",
-                  "| params | layers | largest tensor MiB | streaming s | whole s | TIES s | streaming peak MiB (x largest) "
-                  "| whole peak MiB (x largest) | TIES peak MiB (x largest) |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['params'] / 1e6:.0f}M | {r['layers']} | {r['largest_tensor_mib']:.0f} | {r['streaming_seconds']:.2f} | "
-                  f"{r['whole_state_dicts_seconds']:.2f} | {r['streaming_ties_seconds']:.2f} | "
-                  f"{r['streaming_peak_rss_mib']:.0f} ({r['streaming_peak_over_largest_tensor']:.2f}) | "
-                  f"{r['whole_state_dicts_peak_rss_mib']:.0f} ({r['whole_state_dicts_peak_over_largest_tensor']:.1f}) | "
-                  f"{r['streaming_ties_peak_rss_mib']:.0f} ({r['streaming_ties_peak_over_largest_tensor']:.2f}) |"
-                  for r in results["merging"]]
-        lines.append("")
-    if "quantization" in results:
-        q = results["quantization"]
-        lines += ["## NF4 quantization of a 4096 x 4096 weight on CPU", "", "| quantizer | seconds | elements/s |",
-                  "|---|---|---|"]
-        lines += [f"| {k} | {v['seconds']:.3f} | {v['elements_per_s']:.3g} |" for k, v in q.items() if isinstance(v, dict)]
-        lines += ["", f"bitsandbytes is {q['bitsandbytes_over_reference']:.2f}x the reference's speed.", ""]
-    if "memory" in results:
-        lines += ["## Memory: measured peak vs the estimator (full-length step)", "",
-                  "| method | measured MiB | estimated MiB | estimate / measured |", "|---|---|---|---|"]
-        lines += [f"| {r['method']} | {r['measured_peak_mib']:.1f} | {r['estimated_peak_mib']:.1f} | {r['estimate_over_measured']:.3f} |"
-                  for r in results["memory"]]
-        lines.append("")
-    if "sandbox" in results:
-        b = results["sandbox"]
-        lines += ["## Sandbox: wall time per generated program", "",
-                  f"{b['programs']} programs one after another (a function and two asserts). This machine: "
-                  f"{b['isolation']}.", "", "| run | ms per program | vs bare python |", "|---|---|---|"]
-        lines += [f"| {k} | {v['ms_per_program']:.1f} | {v['vs_bare']:.2f}x |" for k, v in b["contenders"].items()]
-        lines.append("")
-    if results.get("notebooks"):
-        lines += ["## Notebooks (wall time of each lab)", "", "| lab | profile | seconds | target | ok |",
-                  "|---|---|---|---|---|"]
-        lines += [f"| {r['lab']} | {r['profile']} | {r['seconds']:.0f} | {r['target_seconds']} | {r['within_target']} |"
-                  for r in results["notebooks"]]
-        lines.append("")
-    (out / "bench.md").write_text("\n".join(lines))
-    return out / "bench.md", out / "bench.json"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Benchmarks measured side by side; writes bench.md and bench.json")
     parser.add_argument("--out", type=Path, default=build_dir())
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--real-model-steps", type=int, default=8, help="steps of each run on the real model")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for the test of this script")
-    parser.add_argument("--only", nargs="*",
-                        default=["training", "merging", "quantization", "memory", "sandbox", "notebooks"])
+    parser.add_argument("--only", nargs="*", default=["training", "training_real_model", "merging", "quantization",
+                                                      "memory", "sandbox", "notebooks"])
     parser.add_argument("--run-notebooks", nargs="*", default=[], metavar="PROFILE",
                         help="run every lab in these profiles now (e.g. ci cpu) instead of reading the times "
                              "that make labs recorded")
@@ -369,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
                "machine": f"{platform.machine()} {processor()}, torch {torch.__version__}"}
     if "training" in args.only:
         results["training"] = bench_training(profile, 4 if args.quick else args.steps, args.repeats)
+    if "training_real_model" in args.only:
+        results["training_real_model"] = bench_training(profiles.on_real_model(profile),
+                                                        1 if args.quick else args.real_model_steps, args.repeats)
     if "merging" in args.only:
         results["merging"] = bench_merging(((64, 2), (64, 4)) if args.quick else ((768, 12), (768, 24)), args.repeats)
     if "quantization" in args.only:

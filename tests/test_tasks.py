@@ -45,6 +45,28 @@ def test_heldout_compositions_never_seen_elsewhere():
             assert any(part in parts for parts in train_parts)
 
 
+def test_sql_heldout_asks_composed_combinations_that_train_never_does():
+    """train_composed teaches each composed form (AND, GROUP BY, HAVING) on some combinations; the heldout
+    slice asks only the others, and train, validation and test ask none. Every held-out reference is right, and the same
+    query without its new part (the first filter, the grouping, the HAVING clause) is wrong."""
+    splits = sql.generate(0)
+    forms = set(sql.COMPOSED_FORMS)
+    assert {r["composition"] for r in splits["heldout"]} == forms
+    assert {r["composition"] for r in splits["train_composed"]} == forms
+    assert not forms & {r["composition"] for r in splits["train"] + splits["validation"] + splits["test"]}
+    rendered = {sql.render_composed(form, p)[1]: (form, p, sql.render_composed(form, p)[2])
+                for form, problems in sql.composed_problems().items() for p in problems}
+    for split, heldout in (("train_composed", False), ("heldout", True)):
+        for row in splits[split]:
+            form, problem, _ = rendered[row["gold_sql"]]
+            assert sql.is_heldout_combination(form, problem) is heldout, (split, row["gold_sql"])
+    rows = splits["heldout"]
+    assert len(rows) >= 140 and all(sql.score(rows, [r["gold_sql"] for r in rows]))
+    assert not any(sql.score(rows, [rendered[r["gold_sql"]][2] for r in rows]))
+    with pytest.raises(ValueError, match="unknown composed form 'join'; valid: and, group, having"):
+        sql.render_composed("join", ())
+
+
 def test_generation_is_deterministic_and_seeded():
     assert code.generate(0) == code.generate(0)
     assert sql.generate(0) == sql.generate(0)
@@ -146,7 +168,7 @@ def test_every_sql_question_names_the_tables_columns():
     columns the database really has, in order."""
     columns = [r[1] for r in sql.build_database().execute("PRAGMA table_info(employees)").fetchall()]
     assert sql.PROMPT_SCHEMA == f"Table employees({', '.join(columns)})."
-    for split in ("train", "validation", "test"):
+    for split in ("train", "validation", "test", "train_composed", "heldout"):
         for row in load_split("sql", split):
             schema, question = row["messages"][0]["content"].split("\n", 1)
             assert schema == sql.PROMPT_SCHEMA and question.endswith(("?", "."))

@@ -10,10 +10,13 @@ import zipfile
 import pytest
 import torch
 from peft import LoraConfig
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from labhelpers import evaluation, models, profiles
+from labhelpers import quantization as Q
 from labhelpers.course import real_model
+from labhelpers.labs import lab4
 from labhelpers.models import REAL_MODEL, RealModelError, real_model_dir, verify_real_model
 from labhelpers.tasks import task_rows
 from labhelpers.training import fine_tune
@@ -107,3 +110,30 @@ def test_the_real_model_specializes_on_sql_and_its_code_skill_is_scored_before_a
     # and it forgets: SQL-only tuning makes it answer code specs with SQL
     assert score["after", code_val] < score["before", code_val]
     assert evaluation.distinguishable(score["before", code_val], score["after", code_val], n[code_val], n[code_val])
+
+
+REAL_WEIGHTS = ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
+                "model.layers.29.mlp.down_proj.weight")
+
+
+@pytest.mark.parametrize("name", REAL_WEIGHTS)
+def test_nf4_of_real_weights_is_bitsandbytes_bit_for_bit(name):
+    """Lab 4's NF4 quantizer (labhelpers.quantization, the reference the students' version is checked
+    against) on real pretrained weights, not only on the synthetic cases: the same packed codes and
+    block scales as bitsandbytes, and the same dequantized weights."""
+    with safe_open(str(real_model_dir() / "model.safetensors"), "pt") as weights:
+        weight = weights.get_tensor(name)
+    packed, absmax = Q.quantize_nf4(weight)
+    theirs, state = Q.bnb_nf4(weight)
+    assert torch.equal(packed, theirs) and torch.equal(absmax, state.absmax), name
+    ours = Q.dequantize_nf4(packed, absmax, weight.shape)
+    assert torch.equal(ours, Q.bnb_dequantize(theirs, state).reshape(weight.shape)), name
+
+
+@pytest.mark.slow
+def test_the_memory_breakdown_of_a_real_135m_step_matches_measurement(real_profile):
+    """Lab 4's analytical breakdown (weights, gradients, optimizer states, activations) against one
+    measured training step of the real model, full fine-tuning and LoRA: the peaks agree within 2%."""
+    table = lab4.measured_vs_estimated(real_profile, methods=("full", "lora"))
+    print(table.to_string())
+    assert table["estimate_over_measured"].between(0.98, 1.02).all(), table

@@ -67,6 +67,25 @@ def test_sql_heldout_asks_composed_combinations_that_train_never_does():
         sql.render_composed("join", ())
 
 
+def test_code_composed_pairs_are_held_out_and_partial_answers_fail():
+    """Two conditions at once: train_composed teaches some pairs, heldout_composed asks only the others;
+    every reference passes its tests, and each one-condition version of it fails them."""
+    splits = code.generate(0)
+    pairs = {split: {tuple(r["composition"].split("/")[2:]) for r in splits[split]}
+             for split in ("train_composed", "heldout_composed")}
+    assert pairs["heldout_composed"] <= set(code.HELDOUT_CONDITION_PAIRS)
+    assert not pairs["train_composed"] & set(code.HELDOUT_CONDITION_PAIRS) and len(pairs["train_composed"]) >= 6
+    for name in ("train", "validation", "test", "heldout"):
+        assert all(r["composition"].count("/") == 2 for r in splits[name]), name
+    rows = splits["heldout_composed"][:40]
+    assert len(splits["heldout_composed"]) == code.COMPOSED_SIZES["heldout_composed"]
+    assert all(code.score(rows, [r["messages"][-1]["content"] for r in rows]))
+    by_name = {code.render_composed(p, 0)[2]: p for p in code.composed_problems(True)}
+    for only in (0, 1):
+        partial = [code.render_composed(by_name[r["entry_point"]], 0, only)[1] for r in rows]
+        assert not any(code.score(rows, partial)), only
+
+
 def test_generation_is_deterministic_and_seeded():
     assert code.generate(0) == code.generate(0)
     assert sql.generate(0) == sql.generate(0)

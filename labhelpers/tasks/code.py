@@ -10,6 +10,13 @@ and the reference answer is a two-line function. Some (aggregate, transform, con
 compositions never occur in train, validation or test: they form the ``heldout`` slice, which
 measures whether a model *composes* parts it saw separately. Scoring is pass@1: the completion is run
 with the example's ``assert`` tests in :mod:`labhelpers.sandbox`.
+
+*Composed* specs ask for two conditions at once (*that are even and greater than 3*). The
+``train_composed`` split teaches some pairs of conditions; the other pairs
+(:data:`HELDOUT_CONDITION_PAIRS`) are asked only by ``heldout_composed``. A real pretrained model tuned
+for 40 steps reaches pass@1 1.00 on test and on ``heldout`` (docs/real-model.md); the composed slice is
+where methods can still differ. A composed problem's tests are drawn until they tell its reference
+from each one-condition version of it (a partial answer fails).
 """
 
 from __future__ import annotations
@@ -60,6 +67,13 @@ HELDOUT_SIZE = 200
 N_TESTS = 5
 
 
+FIRST_CONDITIONS = ("even", "odd", "positive", "negative")  # composed: one of these, then one with {k}
+SECOND_CONDITIONS = ("gt", "lt", "div")
+HELDOUT_CONDITION_PAIRS = (("even", "lt"), ("odd", "gt"), ("positive", "div"), ("negative", "gt"))
+COMPOSED_SIZES = {"train_composed": 200, "heldout_composed": 150}  # unique problems, one wording each
+COMPOSED_SEED_OFFSET = 1000  # the composed splits draw from their own generator: the others stay as they were
+
+
 def compositions() -> list[tuple[str, str, str]]:
     """All valid (aggregate, transform, condition) triples."""
     return [(a, t, c) for a in AGGREGATES for t in TRANSFORMS for c in CONDITIONS
@@ -83,18 +97,46 @@ def render(problem: tuple, phrasing: int) -> tuple[str, str, str]:
     """(spec, reference solution, function name) of a problem."""
     (agg, transform, cond), k, v = problem
     cond_phrase, cond_code = (s.format(k=k) for s in CONDITIONS[cond])
-    trans_phrase, expr = TRANSFORMS[transform]
-    agg_phrase, agg_code = AGGREGATES[agg]
-    if agg == "count":
-        spec = f"{agg_phrase} the numbers in {v} that are {cond_phrase}"
-    else:
-        spec = f"{agg_phrase} {trans_phrase} in {v} that are {cond_phrase}"
-    if agg in ("max", "min"):
-        spec += ", or 0 if there are none"
+    expr = TRANSFORMS[transform][1]
     name = function_name((agg, transform, cond), k)
-    body = agg_code.format(e=expr, v=v, c=cond_code)
+    body = AGGREGATES[agg][1].format(e=expr, v=v, c=cond_code)
     solution = f"def {name}({v}):\n    return {body}\n"
-    return PHRASINGS[phrasing].format(name=name, v=v, spec=spec), solution, name
+    return PHRASINGS[phrasing].format(name=name, v=v, spec=spec_text(agg, transform, v, cond_phrase)), solution, name
+
+
+def spec_text(agg: str, transform: str, v: str, cond_phrase: str) -> str:
+    """What the function returns, in words: ``the sum of the squares of the numbers in xs that are even``."""
+    agg_phrase, trans_phrase = AGGREGATES[agg][0], TRANSFORMS[transform][0]
+    spec = f"{agg_phrase} {'the numbers' if agg == 'count' else trans_phrase} in {v} that are {cond_phrase}"
+    return spec + (", or 0 if there are none" if agg in ("max", "min") else "")
+
+
+def composed_problems(heldout: bool) -> list[tuple]:
+    """Every composed problem ((aggregate, transform, first, second), k, variable) whose condition pair is
+    (``heldout``) or is not in :data:`HELDOUT_CONDITION_PAIRS`, and whose two conditions together select
+    something that neither selects alone (not *even and divisible by 4*, not *negative and greater than 3*)."""
+    return [((a, t, c1, c2), k, v) for a in AGGREGATES for t in TRANSFORMS if a != "count" or t == "numbers"
+            for c1 in FIRST_CONDITIONS for c2 in SECOND_CONDITIONS
+            if ((c1, c2) in HELDOUT_CONDITION_PAIRS) == heldout for k in K_VALUES if _both_matter(c1, c2, k)
+            for v in VARIABLES]
+
+
+def _both_matter(c1: str, c2: str, k: int, values=range(-9, 13)) -> bool:
+    first, second = (eval(f"lambda x: {CONDITIONS[c][1].format(k=k)}") for c in (c1, c2))  # our own code
+    both = {x for x in values if first(x) and second(x)}
+    return bool(both) and both != {x for x in values if first(x)} and both != {x for x in values if second(x)}
+
+
+def render_composed(problem: tuple, phrasing: int, only: int | None = None) -> tuple[str, str, str]:
+    """(spec, reference solution, function name) of a composed problem; ``only`` (0 or 1) keeps just
+    that condition in the code: the partial answer its tests must reject."""
+    (agg, transform, c1, c2), k, v = problem
+    (p1, code1), (p2, code2) = CONDITIONS[c1], (s.format(k=k) for s in CONDITIONS[c2])
+    name = "_".join([agg] + ([] if transform == "numbers" else [transform]) + [c1, c2, str(k)])
+    condition = {None: f"{code1} and {code2}", 0: code1, 1: code2}[only]
+    body = AGGREGATES[agg][1].format(e=TRANSFORMS[transform][1], v=v, c=condition)
+    spec = PHRASINGS[phrasing].format(name=name, v=v, spec=spec_text(agg, transform, v, f"{p1} and {p2}"))
+    return spec, f"def {name}({v}):\n    return {body}\n", name
 
 
 def make_tests(solution: str, name: str, rng: random.Random) -> list[str]:
@@ -103,6 +145,44 @@ def make_tests(solution: str, name: str, rng: random.Random) -> list[str]:
     exec(solution, namespace)  # our own generated reference code, never model output
     inputs = [[]] + [[rng.randint(-9, 12) for _ in range(rng.randint(3, 8))] for _ in range(N_TESTS - 1)]
     return [f"assert {name}({xs!r}) == {namespace[name](xs)!r}" for xs in inputs]
+
+
+def _results(solution: str, name: str, inputs: list[list[int]]) -> list:
+    namespace: dict = {}
+    exec(solution, namespace)  # our own generated reference code, never model output
+    return [namespace[name](xs) for xs in inputs]
+
+
+def composed_tests(problem: tuple, rng: random.Random, tries: int = 50) -> list[str] | None:
+    """``assert`` lines for a composed problem whose inputs tell the reference from both one-condition
+    versions (each fails at least one), and give a non-default answer on at least two inputs; None when
+    ``tries`` draws find no such inputs (the largest square of the odd multiples of 7 is 49 either way)."""
+    _, solution, name = render_composed(problem, 0)
+    partials = [render_composed(problem, 0, only)[1] for only in (0, 1)]
+    for _ in range(tries):
+        inputs = [[]] + [[rng.randint(-9, 12) for _ in range(rng.randint(4, 9))] for _ in range(N_TESTS - 1)]
+        expected = _results(solution, name, inputs)
+        if (sum(e != expected[0] for e in expected[1:]) >= 2
+                and all(_results(p, name, inputs) != expected for p in partials)):
+            return [f"assert {name}({xs!r}) == {e!r}" for xs, e in zip(inputs, expected)]
+    return None
+
+
+def composed_rows(split: str, seed: int) -> list[dict]:
+    """The ``train_composed`` or ``heldout_composed`` rows (:data:`COMPOSED_SIZES` problems)."""
+    rng = random.Random(seed + COMPOSED_SEED_OFFSET + (split == "heldout_composed"))
+    candidates = composed_problems(split == "heldout_composed")
+    rng.shuffle(candidates)
+    rows = []
+    for problem in candidates:
+        if len(rows) == COMPOSED_SIZES[split]:
+            break
+        if (tests := composed_tests(problem, rng)) is None:
+            continue
+        spec, solution, name = render_composed(problem, rng.randrange(len(PHRASINGS)))
+        rows.append(chat_row("code", split, len(rows), spec, solution, entry_point=name,
+                             composition="/".join(problem[0]), tests=tests))
+    return rows
 
 
 def generate(seed: int = 0) -> dict[str, list[dict]]:
@@ -123,7 +203,7 @@ def generate(seed: int = 0) -> dict[str, list[dict]]:
                                      composition="/".join(problem[0]),
                                      tests=make_tests(solution, name, rng)))
         out[split] = rows
-    return out
+    return out | {split: composed_rows(split, seed) for split in COMPOSED_SIZES}
 
 
 _FENCE = re.compile(r"```(?:python)?\n(.*?)(?:```|$)", re.S)

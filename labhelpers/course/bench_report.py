@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 
-def _training_table(t: dict, model: str) -> list[str]:
-    lines = [f"## SFT throughput on {t.get('model', model)} (code task, full fine-tuning, real tokens per second)", "",
+def _training_table(t: dict) -> list[str]:
+    lines = [f"## SFT throughput on {t['model']} (code task, full fine-tuning, real tokens per second)", "",
              f"{t['steps']} steps of batch {t['batch_size']}, {t['real_tokens']} real tokens per run.", "",
              "| path | seconds | tokens/s | vs TRL default | range over repetitions |", "|---|---|---|---|---|"]
     lines += [f"| {k} | {v['seconds']:.2f} | {v['tokens_per_s']:.0f} | {v['vs_trl_default']:.2f}x | "
@@ -21,9 +21,9 @@ def write(results: dict, out: Path) -> tuple[Path, Path]:
     (out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
     lines = ["# SFT Labs benchmark", "", f"Measured {results['when']} on {results['machine']}; medians of "
              f"{results['repeats']} interleaved repetitions.", ""]
-    for key, model in (("training", "the shipped tiny model"), ("training_real_model", "the real model")):
+    for key in ("training", "training_real_model"):
         if key in results:
-            lines += _training_table(results[key], model)
+            lines += _training_table(results[key])
     if "merging" in results:
         lines += ["## Merging: streaming vs whole state dicts (2 experts + base, float32)", "",
                   "Task arithmetic streamed by labhelpers.merging, the same loaded as whole state dicts, and TIES "

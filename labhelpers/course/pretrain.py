@@ -10,7 +10,6 @@ each file, held-out perplexity against the uniform baseline, the arithmetic prob
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import platform
 import time
@@ -31,7 +30,7 @@ from transformers import (
 from labhelpers import chat
 from labhelpers.tasks import corpus
 from labhelpers.evaluation import evaluate_task, perplexity, token_blocks
-from labhelpers.models import MODEL_SIZES
+from labhelpers.models import MODEL_SIZES, sha256_of
 from labhelpers.paths import base_model_dir, data_dir
 from labhelpers.tasks import TASKS, read_jsonl
 
@@ -138,7 +137,7 @@ def write_manifest(out_dir: Path, cfg: PretrainConfig, model, tokenizer, heldout
         "train_seconds": round(train_seconds, 1),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "python": platform.python_version()},
-        "sha256": {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        "sha256": {p.name: sha256_of(p)
                    for p in sorted(out_dir.iterdir()) if p.name != "manifest.json"},
     }
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

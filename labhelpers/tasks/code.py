@@ -87,16 +87,22 @@ def problems(composition: tuple[str, str, str]) -> list[tuple]:
     return [(composition, k, v) for k in ks for v in VARIABLES]
 
 
-def function_name(composition: tuple[str, str, str], k: int | None) -> str:
-    agg, transform, cond = composition
-    parts = [agg] + ([] if transform == "numbers" else [transform]) + [cond] + ([str(k)] if k else [])
+def function_name(composition: tuple[str, ...], k: int | None) -> str:
+    """``sum_squares_even``, ``max_gt_3``; a composed problem names both conditions: ``sum_even_lt_4``."""
+    agg, transform, *conditions = composition
+    parts = [agg] + ([] if transform == "numbers" else [transform]) + conditions + ([str(k)] if k else [])
     return "_".join(parts)
+
+
+def condition(cond: str, k: int | None) -> tuple[str, str]:
+    """(phrase, Python condition on x) of a condition, its ``{k}`` filled in."""
+    return tuple(part.format(k=k) for part in CONDITIONS[cond])
 
 
 def render(problem: tuple, phrasing: int) -> tuple[str, str, str]:
     """(spec, reference solution, function name) of a problem."""
     (agg, transform, cond), k, v = problem
-    cond_phrase, cond_code = (s.format(k=k) for s in CONDITIONS[cond])
+    cond_phrase, cond_code = condition(cond, k)
     expr = TRANSFORMS[transform][1]
     name = function_name((agg, transform, cond), k)
     body = AGGREGATES[agg][1].format(e=expr, v=v, c=cond_code)
@@ -122,7 +128,7 @@ def composed_problems(heldout: bool) -> list[tuple]:
 
 
 def _both_matter(c1: str, c2: str, k: int, values=range(-9, 13)) -> bool:
-    first, second = (eval(f"lambda x: {CONDITIONS[c][1].format(k=k)}") for c in (c1, c2))  # our own code
+    first, second = (eval(f"lambda x: {condition(c, k)[1]}") for c in (c1, c2))  # our own code
     both = {x for x in values if first(x) and second(x)}
     return bool(both) and both != {x for x in values if first(x)} and both != {x for x in values if second(x)}
 
@@ -131,23 +137,22 @@ def render_composed(problem: tuple, phrasing: int, only: int | None = None) -> t
     """(spec, reference solution, function name) of a composed problem; ``only`` (0 or 1) keeps just
     that condition in the code: the partial answer its tests must reject."""
     (agg, transform, c1, c2), k, v = problem
-    (p1, code1), (p2, code2) = CONDITIONS[c1], (s.format(k=k) for s in CONDITIONS[c2])
-    name = "_".join([agg] + ([] if transform == "numbers" else [transform]) + [c1, c2, str(k)])
-    condition = {None: f"{code1} and {code2}", 0: code1, 1: code2}[only]
-    body = AGGREGATES[agg][1].format(e=TRANSFORMS[transform][1], v=v, c=condition)
+    (p1, code1), (p2, code2) = condition(c1, k), condition(c2, k)
+    name = function_name(problem[0], k)
+    kept = {None: f"{code1} and {code2}", 0: code1, 1: code2}[only]
+    body = AGGREGATES[agg][1].format(e=TRANSFORMS[transform][1], v=v, c=kept)
     spec = PHRASINGS[phrasing].format(name=name, v=v, spec=spec_text(agg, transform, v, f"{p1} and {p2}"))
     return spec, f"def {name}({v}):\n    return {body}\n", name
 
 
 def make_tests(solution: str, name: str, rng: random.Random) -> list[str]:
     """``assert`` lines whose expected values come from running the reference solution."""
-    namespace: dict = {}
-    exec(solution, namespace)  # our own generated reference code, never model output
     inputs = [[]] + [[rng.randint(-9, 12) for _ in range(rng.randint(3, 8))] for _ in range(N_TESTS - 1)]
-    return [f"assert {name}({xs!r}) == {namespace[name](xs)!r}" for xs in inputs]
+    return [f"assert {name}({xs!r}) == {e!r}" for xs, e in zip(inputs, _results(solution, name, inputs))]
 
 
 def _results(solution: str, name: str, inputs: list[list[int]]) -> list:
+    """What the reference ``solution`` returns on each input."""
     namespace: dict = {}
     exec(solution, namespace)  # our own generated reference code, never model output
     return [namespace[name](xs) for xs in inputs]

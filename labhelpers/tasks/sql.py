@@ -101,12 +101,13 @@ def render(problem: tuple[str, str, object]) -> tuple[str, str]:
     question."""
     target, filt, value = problem
     prefix, select = TARGETS[target]
-    suffix, where = (s.format(x=value) for s in FILTERS[filt])
+    suffix, where = _clause(filt, value)
     question = f"{prefix} {suffix}?" if target != "names" else f"{prefix} {suffix}."
     return f"{PROMPT_SCHEMA}\n{question}", f"SELECT {select} FROM employees WHERE {where};"
 
 
 def _clause(filt: str, value) -> tuple[str, str]:
+    """(question suffix, WHERE clause) of a filter, its value filled in."""
     return tuple(part.format(x=value) for part in FILTERS[filt])
 
 

@@ -193,16 +193,34 @@ def world():
     os.environ.pop("SFTLABS_TEST_SECRET", None)
 
 
-def _left_processes() -> list[str]:
+def _left_processes(grace_s: float = 3.0) -> list[str]:
+    """Processes of a run still alive, after giving the ones the kernel is tearing down ``grace_s`` to go:
+    a process killed a moment ago (its PID namespace ended with bubblewrap) can still be listed, with an
+    empty command line, for a few milliseconds after the run returned (it failed CI once that way)."""
+    deadline = time.monotonic() + grace_s
+    while True:
+        found = _alive_processes_of_runs()
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
+
+
+def _alive_processes_of_runs() -> list[str]:
     found = []
     for proc in psutil.process_iter(["pid", "cmdline", "uids", "status"]):
         if proc.info["status"] == psutil.STATUS_ZOMBIE:
             continue
         cmdline = " ".join(proc.info["cmdline"] or [])
         if "sftlabs-left-" in cmdline or (ROOT and proc.info["uids"] and proc.info["uids"].real == sandbox.NOBODY):
-            found.append(f"{proc.info['pid']} {cmdline[:60]}")
-    mine = [c for c in psutil.Process().children(recursive=True) if c.status() != psutil.STATUS_ZOMBIE]
-    return found + [f"{c.pid} {' '.join(c.cmdline())[:60]}" for c in mine]
+            found.append(f"{proc.info['pid']} {proc.info['status']} {cmdline[:60]}")
+    mine = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE:
+                mine.append(f"{child.pid} {child.status()} {' '.join(child.cmdline())[:60]}")
+        except psutil.NoSuchProcess:
+            pass
+    return found + mine
 
 
 def _escaped_files() -> list[str]:

@@ -130,10 +130,10 @@ REAL_MODEL = "smollm2-135m-instruct-q4_1"
 
 def on_real_model(profile: Profile) -> Profile:
     """``profile`` on :data:`REAL_MODEL` with the settings measured for it on 2 cores (docs/real-model.md):
-    LoRA r 16 (alpha 32) at learning rate 1e-3, batches of 8 conversations of at most 192 tokens. The real
-    model's test and ``make bench`` use it."""
+    LoRA r 16 (alpha 32) at learning rate 1e-3 (full fine-tuning 5e-5), batches of 8 conversations of at
+    most 192 tokens. The real model's test and ``make bench`` use it."""
     return profile.with_(base_model=REAL_MODEL, large_model=REAL_MODEL, lora_r=16, lora_alpha=32,
-                         learning_rate=1e-3, batch_size=8, max_seq_length=192)
+                         learning_rate=1e-3, full_ft_learning_rate=5e-5, batch_size=8, max_seq_length=192)
 
 
 def is_rehearsal(profile: Profile) -> bool:

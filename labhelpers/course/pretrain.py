@@ -32,7 +32,7 @@ from labhelpers.tasks import corpus
 from labhelpers.evaluation import evaluate_task, perplexity, token_blocks
 from labhelpers.models import MODEL_SIZES, sha256_of
 from labhelpers.paths import base_model_dir, data_dir
-from labhelpers.tasks import TASKS, read_jsonl
+from labhelpers.tasks import PRETRAINING_TASKS, read_jsonl
 
 VOCAB_SIZE = 1024
 DEFAULT_STEPS = {"micro": 2400, "tiny": 2400, "small": 1000}  # what the shipped bases were trained with
@@ -82,7 +82,7 @@ def pretrain(cfg: PretrainConfig, out_dir: Path | None = None) -> dict:
     out_dir = Path(out_dir or base_model_dir(cfg.size))
     corpus_dir = data_dir() / "corpus"
     train_docs, heldout_docs = read_jsonl(corpus_dir / "train.jsonl"), read_jsonl(corpus_dir / "heldout.jsonl")
-    task_texts = [t["content"] for task in TASKS.values() for row in read_jsonl(data_dir() / task.name / "train.jsonl")
+    task_texts = [t["content"] for task in PRETRAINING_TASKS for row in read_jsonl(data_dir() / task / "train.jsonl")
                   for t in row.get("messages", [])]
     tokenizer = train_tokenizer([d["text"] for d in train_docs] + task_texts)
     model = LlamaForCausalLM(model_config(cfg.size, tokenizer))

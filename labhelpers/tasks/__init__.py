@@ -1,7 +1,8 @@
 """Generated, automatically scored tasks, looked up by name.
 
 ``code`` (spec -> Python function, pass@1 in the sandbox), ``sql`` (question -> SQLite query,
-execution accuracy) and ``arithmetic`` (the general skill and forgetting probe).
+execution accuracy), ``arithmetic`` (the tiny bases' general skill and forgetting probe) and
+``instructions`` (requests with verifiable instructions: a real instruct model's general skill).
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ from pathlib import Path
 
 from labhelpers.tasks import corpus
 from labhelpers.paths import data_dir
-from labhelpers.tasks import arithmetic, code, sql
+from labhelpers.tasks import arithmetic, code, instructions, sql
 from labhelpers.tasks.base import Task, read_jsonl, write_jsonl
 
-TASKS: dict[str, Task] = {t.name: t for t in (code.TASK, sql.TASK, arithmetic.TASK)}
+TASKS: dict[str, Task] = {t.name: t for t in (code.TASK, sql.TASK, arithmetic.TASK, instructions.TASK)}
+#: the tasks whose training text the shipped tiny bases' tokenizer was trained on (labhelpers.course.pretrain)
+PRETRAINING_TASKS = ("code", "sql", "arithmetic")
 DATA_SEED = 0
 
 

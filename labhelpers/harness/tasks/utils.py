@@ -48,3 +48,8 @@ def execution_accuracy(doc: dict, results: list[str]) -> dict[str, float]:
 def exact_match(doc: dict, results: list[str]) -> dict[str, float]:
     """Arithmetic: the answer equals the reference (``labhelpers.tasks.arithmetic.score``)."""
     return {"exact_match": _verdict("arithmetic", doc, results)}
+
+
+def prompt_level_strict(doc: dict, results: list[str]) -> dict[str, float]:
+    """Instructions: the response follows every instruction of its prompt (``labhelpers.tasks.instructions.score``)."""
+    return {"prompt_level_strict_acc": _verdict("instructions", doc, results)}

@@ -31,7 +31,8 @@ from labhelpers.tasks import get_task
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 PREFIX = "sftlabs_"
-METRICS = {"code": "pass_at_1", "sql": "exec_acc", "arithmetic": "exact_match", "instructions": "prompt_level_strict_acc"}  # each config's metric
+METRICS = {"code": "pass_at_1", "sql": "exec_acc", "arithmetic": "exact_match",  # each config's metric
+           "instructions": "prompt_level_strict_acc"}
 
 
 def harness_task(task: str) -> str:

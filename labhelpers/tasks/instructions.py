@@ -6,7 +6,8 @@ money.") with one or two instructions a program can check ("Answer with less tha
 your entire response with double quotation marks."). A response passes when it follows every
 instruction of its prompt (IFEval's *prompt-level strict* accuracy); :func:`instruction_accuracy`
 gives the *instruction-level* one. Every prompt asks for something (a case, an ending, a list, a title,
-keywords...), not only for something to be left out, so an answer that ignores the request passes none. The instruction ids, their wording and their checks are IFEval's
+keywords...), not only for something to be left out, so an answer that ignores the request passes none.
+The instruction ids, their wording and their checks are IFEval's
 (``lm_eval/tasks/ifeval``: ``tests/test_instructions.py`` checks ours against them answer by answer);
 the prompts are the course's own, because IFEval's are on the hub. Only checks that work offline are
 used: no language detection (every prompt is English; the case checks test the case alone) and no
@@ -104,7 +105,7 @@ KEYWORDS = ("plan", "habit", "simple", "weekly", "budget", "patience", "friends"
 FORBIDDEN = ("very", "really", "always", "never", "basically")
 PS_TEXT = "P.S. I hope this helps."
 
-# every instruction: (IFEval id, its kwargs choices or None, what the prompt says)
+# every instruction, by IFEval id: (draws its kwargs, what the prompt says given them)
 INSTRUCTIONS: dict[str, tuple[Callable[[random.Random], dict], Callable[[dict], str]]] = {
     "change_case:english_capital": (lambda rng: {}, lambda kw: "Your entire response should be in English, and in all capital letters."),
     "change_case:english_lowercase": (lambda rng: {}, lambda kw: "Your entire response should be in English, and in all lowercase letters. No capital letters are allowed."),
@@ -202,13 +203,13 @@ def row_instructions(row: dict) -> list[dict]:
 
 # ------------------------------------------------------------------------------------------ generation
 
-def _reference(topic: str, kind: int, instructions: Sequence[dict], rng: random.Random) -> str:
+def _reference(topic: str, kind: int, instructions: Sequence[dict]) -> str:
     """An answer that follows every instruction (checked by :func:`generate`)."""
     kwargs = {i["id"]: i["kwargs"] for i in instructions}
     points = list(TOPICS[topic])
     words = kwargs.get("length_constraints:number_words")
     if words and words["relation"] == "at least":
-        points += [e for e in EXTRA]
+        points += EXTRA
     intro = INTROS[kind].format(topic=topic)
     if words and words["relation"] == "less than":
         intro, points = "", points[:1 if words["num_words"] <= 20 else 2]
@@ -251,10 +252,10 @@ def _restrictive(instruction: dict) -> bool:
 def _prompts(topics: Sequence[str], n: int, rng: random.Random) -> list[tuple[str, int, list[dict]]]:
     """``n`` distinct (topic, request kind, instructions) problems: a third with one instruction, the rest two,
     never only restrictive ones (:func:`_restrictive`)."""
-    ids = sorted(INSTRUCTIONS)
+    ids, topics = sorted(INSTRUCTIONS), sorted(topics)
     seen, out = set(), []
     while len(out) < n:
-        topic, kind = rng.choice(sorted(topics)), rng.randrange(len(REQUESTS))
+        topic, kind = rng.choice(topics), rng.randrange(len(REQUESTS))
         chosen = rng.sample(ids, 1 if len(out) % 3 == 0 else 2)
         if len(chosen) == 2 and frozenset(chosen) in CONFLICTS:
             continue
@@ -285,7 +286,7 @@ def generate(seed: int = 0) -> dict[str, list[dict]]:
         mine, start = topics[start:start + n_topics], start + n_topics
         rows = []
         for i, (topic, kind, instructions) in enumerate(_prompts(mine, SPLIT_SIZES[split], rng)):
-            answer = _reference(topic, kind, instructions, rng)
+            answer = _reference(topic, kind, instructions)
             if not all(follows(answer, ins) for ins in instructions):
                 raise AssertionError(f"the reference for {topic!r} breaks {instructions}: {answer!r}")
             rows.append(chat_row("instructions", split, i, prompt_text(topic, kind, instructions), answer,

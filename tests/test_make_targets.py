@@ -241,7 +241,7 @@ def test_make_bench_quick_writes_every_section(tmp_path):
     repo = make_in_scratch(tmp_path, {}, "bench", "QUICK=1")
     results = json.loads((repo / "build" / "bench.json").read_text())
     assert set(results["training"]["contenders"]) == {"labhelpers", "labhelpers_random_batches", "labhelpers_padding_free",
-                                                      "trl_default", "plain_pytorch"}
+                                                      "trl_default", "trl_fp32", "plain_pytorch"}
     assert all(v["tokens_per_s"] > 0 for v in results["training"]["contenders"].values())
     real = results["training_real_model"]
     assert real["model"] == REAL_MODEL and set(real["contenders"]) == set(results["training"]["contenders"])

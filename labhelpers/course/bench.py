@@ -7,11 +7,13 @@ Every comparison runs its contenders interleaved, ``--repeats`` times, and repor
   padded batches of rows of similar length drawn four batches at a time, the model's loss with its
   output layer applied at trained positions only) vs the same with random batches vs with TRL's
   padding-free batching vs TRL's ``SFTTrainer`` with its defaults (random padded batches, gradient
-  checkpointing, the fused log-prob head) vs a plain PyTorch loop (random padded batches, the model's
+  checkpointing, the fused log-prob head, bf16 mixed precision) vs the same with ``bf16=False`` (what a
+  CPU without bf16 arithmetic should use: there bf16 is emulated, tens of times slower) vs a plain PyTorch loop (random padded batches, the model's
   own loss); same model, rows, batch size and steps; real (non-padding) tokens per second, data
   preparation included, with the range of the ratio to TRL over the repetitions. Measured twice: on
   the shipped tiny model (``ci``) and on the real model (SmolLM2-135M-Instruct, ``make real-model``,
-  :func:`labhelpers.profiles.on_real_model`; fewer steps, since each takes seconds).
+  :func:`labhelpers.profiles.on_real_model`; fewer steps, since each takes seconds; ``--quick``: one step
+  of one row).
 * **Merging**: :func:`labhelpers.merging.merge_checkpoints` (streaming, by chunks) vs loading whole
   state dicts, task arithmetic, and streamed TIES, on locally built models of 162M and 276M parameters
   (12 and 24 layers, same largest tensor): wall time and peak RSS of a subprocess, also as a multiple
@@ -88,7 +90,9 @@ def run_labhelpers_padding_free(profile, rows, steps: int) -> float:
     return run_labhelpers(profile, rows, steps, padding_free=True, max_length=None)
 
 
-def run_trl_default(profile, rows, steps: int) -> float:
+def run_trl_default(profile, rows, steps: int, **config) -> float:
+    """TRL's ``SFTTrainer`` with ``SFTConfig``'s defaults, but for the fields the comparison fixes (steps,
+    batch size, learning rate, device, seed) and any given in ``config``."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -97,11 +101,16 @@ def run_trl_default(profile, rows, steps: int) -> float:
     with tempfile.TemporaryDirectory() as out:
         args = SFTConfig(output_dir=out, max_steps=steps, per_device_train_batch_size=profile.batch_size,
                          learning_rate=profile.full_ft_learning_rate, use_cpu=profile.device == "cpu",
-                         report_to="none", save_strategy="no", disable_tqdm=True, seed=profile.seed)
+                         report_to="none", save_strategy="no", disable_tqdm=True, seed=profile.seed, **config)
         trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer,
                              train_dataset=Dataset.from_list([{"messages": r["messages"]} for r in rows]))
         trainer.train()
         return time.perf_counter() - start
+
+
+def run_trl_fp32(profile, rows, steps: int) -> float:
+    """TRL's defaults with ``bf16=False``: fp32 throughout, as the course's path trains on a CPU."""
+    return run_trl_default(profile, rows, steps, bf16=False)
 
 
 def run_plain_loop(profile, rows, steps: int) -> float:
@@ -132,7 +141,7 @@ def bench_training(profile, steps: int, repeats: int) -> dict:
     tokens = _real_tokens(rows, load_tokenizer(profile), steps, profile.batch_size)
     contenders = {"labhelpers": run_labhelpers, "labhelpers_random_batches": run_labhelpers_random_batches,
                   "labhelpers_padding_free": run_labhelpers_padding_free,
-                  "trl_default": run_trl_default, "plain_pytorch": run_plain_loop}
+                  "trl_default": run_trl_default, "trl_fp32": run_trl_fp32, "plain_pytorch": run_plain_loop}
     seconds = {name: [] for name in contenders}
     for _ in range(repeats):
         for name, fn in contenders.items():
@@ -317,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     if "training" in args.only:
         results["training"] = bench_training(profile, 4 if args.quick else args.steps, args.repeats)
     if "training_real_model" in args.only:
-        results["training_real_model"] = bench_training(profiles.on_real_model(profile),
+        real = profiles.on_real_model(profile)
+        results["training_real_model"] = bench_training(real.with_(batch_size=1) if args.quick else real,
                                                         1 if args.quick else args.real_model_steps, args.repeats)
     if "merging" in args.only:
         results["merging"] = bench_merging(((64, 2), (64, 4)) if args.quick else ((768, 12), (768, 24)), args.repeats)

@@ -1,10 +1,11 @@
 """Specializing a model without losing what it knew: forgetting, its mitigations, continual learning.
 
-Lab 2 fine-tunes the shipped base on the SQL domain and measures what happens to its *general*
-skill (the arithmetic probe and held-out perplexity on the pretraining corpus). This module holds
-the pieces the lab compares:
+Lab 2 fine-tunes a base on the SQL domain and measures what happens to its *general* skill: the
+profile's ``general_task`` (the arithmetic the course's tiny bases learnt in pretraining, or an instruct
+model's instruction following) and held-out perplexity on the course's pretraining corpus. This module
+holds the pieces the lab compares:
 
-* **replay**: :func:`replay_mix` mixes a fraction of pretraining text into the domain data;
+* **replay**: :func:`replay_mix` mixes a fraction of general data (:func:`general_rows`) into the domain data;
 * **L2 / EWC penalty**: :func:`l2_penalty` adds
   :math:`\\frac{\\lambda}{2} \\sum_i F_i (\\theta_i - \\theta^*_i)^2` to the loss, with :math:`F_i = 1`
   (L2-SP, Xuhong et al. 2018) or the diagonal Fisher information of the base on general data
@@ -29,14 +30,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from labhelpers.data import tokenize_rows
+from labhelpers.data import rows_that_fit, tokenize_rows
 from labhelpers.evaluation import SELECTION_SPLIT, evaluate, perplexity, score, select_best, token_blocks
 from labhelpers.paths import data_dir
 from labhelpers.profiles import Profile
 from labhelpers.quality import sql_quality
-from labhelpers.tasks import load_split, read_jsonl, sql
+from labhelpers.tasks import PRETRAINING_TASKS, load_split, read_jsonl, sql, task_rows
 
-GENERAL_TASK = "arithmetic"  # the skill the base has before any lab: the forgetting probe
 DOMAIN_TASK = "sql"
 
 
@@ -63,6 +63,26 @@ def domain_texts(queries_per_document: int = 8, seed: int = 0) -> list[str]:
     docs += ["-- query log\n" + "\n".join(queries[i:i + queries_per_document])
              for i in range(0, len(queries), queries_per_document)]
     return docs
+
+
+def general_rows(profile: Profile, tokenizer) -> list[dict]:
+    """Training data of the profile's general skill, for replay and for the Fisher information of EWC.
+
+    A skill the base learnt in pretraining (the tiny bases' arithmetic) is replayed as pretraining text:
+    the course corpus's train split. Any other general task (an instruct model's ``instructions``) is
+    replayed as its own train split, chats with reference answers, those that fit the profile's
+    ``max_seq_length`` with ``tokenizer``'s template (:func:`labhelpers.data.rows_that_fit`). Neither
+    holds a validation or test prompt of the task.
+    """
+    if profile.general_task in PRETRAINING_TASKS:
+        return [{"text": t} for t in corpus_texts("train")]
+    return rows_that_fit(task_rows(profile.general_task, "train"), tokenizer, profile.max_seq_length)
+
+
+def row_texts(rows: Sequence[dict], tokenizer) -> list[str]:
+    """Each row as the text the model reads: a ``text`` row as it is, a chat row through the chat template."""
+    return [row["text"] if "text" in row else tokenizer.apply_chat_template(row["messages"], tokenize=False)
+            for row in rows]
 
 
 def replay_mix(domain_rows: Sequence[dict], replay_rows: Sequence[dict], fraction: float, tokenizer,
@@ -94,12 +114,12 @@ PPL_TEXTS = 200
 
 
 def general_scores(model, tokenizer, profile: Profile, n_texts: int | None = None) -> dict[str, float]:
-    """The general skill: arithmetic exact match (test split) and held-out corpus perplexity over
-    ``n_texts`` documents (default: 200, or twice the profile's ``n_eval`` when that is smaller), in
-    batches of at most the profile's ``eval_batch_size`` blocks."""
-    acc = evaluate(model, tokenizer, GENERAL_TASK, profile)
+    """The general skill: the score of the profile's ``general_task`` on its test split (keyed by the
+    task's name) and held-out corpus perplexity over ``n_texts`` documents (default: 200, or twice the
+    profile's ``n_eval`` when that is smaller), in batches of at most the profile's ``eval_batch_size`` blocks."""
+    acc = evaluate(model, tokenizer, profile.general_task, profile)
     n_texts = n_texts or (PPL_TEXTS if profile.n_eval is None else min(PPL_TEXTS, 2 * profile.n_eval))
-    return {GENERAL_TASK: float(acc["correct"].mean()),
+    return {profile.general_task: float(acc["correct"].mean()),
             "heldout_ppl": perplexity(model, tokenizer, corpus_texts("heldout", n_texts),
                                       batch_size=min(32, profile.eval_batch_size))}
 
@@ -119,12 +139,13 @@ def all_scores(model, tokenizer, profile: Profile) -> dict[str, float]:
 def validation_scores(model, tokenizer, profile: Profile) -> dict[str, float]:
     """The domain and general task scores on the validation split: all that a choice between runs may
     read (:func:`best_mitigation`). The test split is for the final table (:func:`all_scores`)."""
-    return {task: score(model, tokenizer, task, profile, SELECTION_SPLIT) for task in (DOMAIN_TASK, GENERAL_TASK)}
+    return {task: score(model, tokenizer, task, profile, SELECTION_SPLIT) for task in (DOMAIN_TASK, profile.general_task)}
 
 
-def mitigation_table(runs: Mapping[str, Mapping[str, float]], base: str = "base", naive: str = "full FT",
-                     split: str = "test") -> pd.DataFrame:
-    """Compare runs against the base and the naive fine-tune, all scored on ``split``.
+def mitigation_table(runs: Mapping[str, Mapping[str, float]], general: str, base: str = "base",
+                     naive: str = "full FT", split: str = "test") -> pd.DataFrame:
+    """Compare runs against the base and the naive fine-tune, all scored on ``split``; ``general`` names
+    the general task's column (the profile's ``general_task``).
 
     Adds ``domain_gain_kept`` = (sql - sql_base) / (sql_naive - sql_base) and ``general_recovered`` =
     (general - general_naive) / (general_base - general_naive): 1 means "as good as the naive run on
@@ -134,10 +155,13 @@ def mitigation_table(runs: Mapping[str, Mapping[str, float]], base: str = "base"
     if base not in runs or naive not in runs:
         raise KeyError(f"runs must include {base!r} and {naive!r}; got {list(runs)}")
     df = pd.DataFrame(runs).T
+    if general not in df:
+        raise KeyError(f"no {general!r} scores in the runs (columns: {list(df)}); pass the general task the runs "
+                       "were scored on, profile.general_task")
     gain = df.loc[naive, DOMAIN_TASK] - df.loc[base, DOMAIN_TASK]
-    loss = df.loc[base, GENERAL_TASK] - df.loc[naive, GENERAL_TASK]
+    loss = df.loc[base, general] - df.loc[naive, general]
     df["domain_gain_kept"] = (df[DOMAIN_TASK] - df.loc[base, DOMAIN_TASK]) / gain if gain > 0 else math.nan
-    df["general_recovered"] = (df[GENERAL_TASK] - df.loc[naive, GENERAL_TASK]) / loss if loss > 0 else math.nan
+    df["general_recovered"] = (df[general] - df.loc[naive, general]) / loss if loss > 0 else math.nan
     df["split"] = split
     return df.rename_axis("run").reset_index()
 

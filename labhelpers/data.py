@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import pandas as pd
 
@@ -261,6 +261,17 @@ def tokenize_rows(rows: Iterable[dict], tokenizer, max_length: int) -> list[dict
                                  "raise the profile's max_seq_length or shorten the example")
         out += pieces
     return out
+
+
+def rows_that_fit(rows: Sequence[dict], tokenizer, max_length: int) -> list[dict]:
+    """``rows`` without the chat rows whose whole conversation is longer than ``max_length`` tokens (other
+    rows stay: plain text is cut into pieces anyway). For data whose longest examples may be left out, such
+    as replayed general data, where :func:`tokenize_rows` would raise: an answer cut short would teach the
+    model to stop mid-answer. A template with a long default system prompt (Qwen's) leaves out more."""
+    chats = [i for i, row in enumerate(rows) if "messages" in row]
+    masks = assistant_masks([rows[i]["messages"] for i in chats], tokenizer) if chats else []
+    too_long = {i for i, (ids, _) in zip(chats, masks) if len(ids) > max_length}
+    return [row for i, row in enumerate(rows) if i not in too_long]
 
 
 def training_dataset(rows, tokenizer, max_length: int):

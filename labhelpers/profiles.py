@@ -56,6 +56,9 @@ class Profile:
     search_trials: int = 8  # Lab 2b: trials per hyperparameter study (one base size, one task), the defaults first
     search_steps: int = 100  # Lab 2b: optimizer steps of each trial (pruned trials stop at half)
     max_new_tokens: int | None = None  # at most this many generated tokens per answer (None: the task's own budget)
+    # what the base could do before any lab, probed for forgetting (Labs 2, 3): the arithmetic the course's tiny
+    # bases learnt in pretraining, or an instruct model's instruction following (labhelpers.tasks.instructions)
+    general_task: str = "arithmetic"
 
     def with_(self, **changes) -> "Profile":
         """A copy with some fields changed (profiles are frozen)."""
@@ -99,7 +102,8 @@ PROFILES: dict[str, Profile] = {
                   device="cuda", dtype="float16", max_seq_length=384, batch_size=8,
                   gradient_accumulation_steps=2, max_steps=200, learning_rate=2e-4, full_ft_learning_rate=2e-5,
                   lora_r=16, lora_alpha=32, lora_dropout=0.05, target_modules=_ATTN_MLP,
-                  gradient_checkpointing=True, n_eval=100, eval_batch_size=32, device_memory_gib=15.0),
+                  gradient_checkpointing=True, n_eval=100, eval_batch_size=32, device_memory_gib=15.0,
+                  general_task="instructions"),
     "gpu-24gb": Profile(name="gpu-24gb", base_model="Qwen/Qwen2.5-Coder-1.5B-Instruct",
                         large_model="codellama/CodeLlama-7b-Instruct-hf",
                         sweep_models=("Qwen/Qwen2.5-Coder-0.5B-Instruct", "Qwen/Qwen2.5-Coder-1.5B-Instruct"),
@@ -107,7 +111,7 @@ PROFILES: dict[str, Profile] = {
                         gradient_accumulation_steps=4, max_steps=300, learning_rate=2e-4,
                         full_ft_learning_rate=2e-5, lora_r=16, lora_alpha=32, lora_dropout=0.05,
                         target_modules=_ATTN_MLP, gradient_checkpointing=True, n_eval=200, eval_batch_size=64,
-                        device_memory_gib=24.0),
+                        device_memory_gib=24.0, general_task="instructions"),
 }
 # ``cpu``: the ``ci`` settings with twice the batch, more steps and the whole evaluation splits (a
 # student's laptop). ``ci`` halves the batch: each lab still shows its effect, in about a third less time.
@@ -130,9 +134,10 @@ REAL_MODEL = "smollm2-135m-instruct-q4_1"
 def on_real_model(profile: Profile) -> Profile:
     """``profile`` on :data:`REAL_MODEL` with the settings measured for it on 2 cores (docs/real-model.md):
     LoRA r 16 (alpha 32) at learning rate 1e-3 (full fine-tuning 5e-5), batches of 8 conversations of at
-    most 192 tokens. The real model's test and ``make bench`` use it."""
+    most 192 tokens; its general skill is instruction following. The real model's test and ``make bench`` use it."""
     return profile.with_(base_model=REAL_MODEL, large_model=REAL_MODEL, lora_r=16, lora_alpha=32,
-                         learning_rate=1e-3, full_ft_learning_rate=5e-5, batch_size=8, max_seq_length=192)
+                         learning_rate=1e-3, full_ft_learning_rate=5e-5, batch_size=8, max_seq_length=192,
+                         general_task="instructions")
 
 
 # ``cpu-real``: the ``cpu`` profile on the real model, with step counts and evaluation sizes measured for it

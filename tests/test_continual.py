@@ -171,13 +171,35 @@ def test_continual_metrics_on_a_known_matrix():
 def test_mitigation_table_and_best():
     runs = {"base": {"sql": 0.0, "arithmetic": 1.0}, "full FT": {"sql": 0.8, "arithmetic": 0.6},
             "replay": {"sql": 0.7, "arithmetic": 0.9}, "lora": {"sql": 0.2, "arithmetic": 1.0}}
-    table = continual.mitigation_table(runs, split="validation").set_index("run")
+    table = continual.mitigation_table(runs, "arithmetic", split="validation").set_index("run")
     assert table.loc["replay", "domain_gain_kept"] == pytest.approx(0.875)
     assert table.loc["replay", "general_recovered"] == pytest.approx(0.75)
     assert continual.best_mitigation(table.reset_index())["run"] == "replay"
     assert continual.best_mitigation(table.reset_index(), min_domain_kept=0.95) is None
     with pytest.raises(ValueError, match="'validation' split"):  # the test table is for reporting only
-        continual.best_mitigation(continual.mitigation_table(runs))
+        continual.best_mitigation(continual.mitigation_table(runs, "arithmetic"))
+    with pytest.raises(KeyError, match="no 'instructions' scores.*profile.general_task"):
+        continual.mitigation_table(runs, "instructions")
+
+
+def test_the_general_data_is_where_the_general_skill_came_from(tokenizer):
+    """The tiny bases learnt arithmetic in pretraining: it is replayed as the corpus's train text. An
+    instruct model's instruction following is replayed as the instructions task's train chats, and none
+    of them is a validation or test prompt."""
+    tiny = continual.general_rows(CI, tokenizer)
+    assert tiny and all(set(row) == {"text"} for row in tiny)
+    assert [row["text"] for row in tiny] == continual.corpus_texts("train")
+    real = continual.general_rows(CI.with_(general_task="instructions", max_seq_length=10_000), tokenizer)
+    assert real == task_rows("instructions", "train") and all("messages" in row for row in real)
+    short = continual.general_rows(CI.with_(general_task="instructions", max_seq_length=150), tokenizer)
+    assert 0 < len(short) < len(real) and all(len(r["input_ids"]) <= 150 for r in tokenize_rows(short, tokenizer, 150))
+    held_out = {row["messages"][0]["content"] for split in ("validation", "test")
+                for row in task_rows("instructions", split)}
+    assert not held_out & {row["messages"][0]["content"] for row in real}
+    texts = continual.row_texts(tiny[:2] + real[:2], tokenizer)
+    assert texts[:2] == [row["text"] for row in tiny[:2]]
+    assert texts[2] == tokenizer.apply_chat_template(real[0]["messages"], tokenize=False)
+    assert real[0]["messages"][-1]["content"] in texts[2]
 
 
 def test_sql_format_report():
@@ -250,10 +272,12 @@ def test_runs_over_seeds_trains_each_seed_and_averages_every_run(monkeypatch):
     monkeypatch.setattr(lab2, "all_scores", lambda model, tok, p: {"sql": scores[model], "arithmetic": 1 - scores[model],
                                                                     "heldout_ppl": 2.0})
     monkeypatch.setattr(lab2, "validation_scores", lambda model, tok, p: {"sql": scores[model] / 2, "arithmetic": 0.5})
+    assert profile.general_task == "arithmetic"  # whose seed spread is reported beside the domain's
     test, validation, curves = lab2.runs_over_seeds(train, profile, tokenizer=None)
     assert seen == [7, 8, 9]
     assert test["full FT"]["sql"] == pytest.approx(0.8) and test["full FT"]["sql seed sd"] == pytest.approx(0.1)
     assert test["LoRA"]["arithmetic"] == pytest.approx(0.4) and test["LoRA"]["seeds"] == 3
+    assert test["LoRA"]["arithmetic seed sd"] == pytest.approx(0.1732, abs=1e-4)
     assert test["LoRA"]["heldout_ppl"] == 2.0 and "heldout_ppl seed sd" not in test["LoRA"]
     assert validation["full FT"]["sql"] == pytest.approx(0.4)
     assert list(curves) == ["full FT"] and curves["full FT"]["loss"].iloc[0] == 7.0  # the first seed's curve

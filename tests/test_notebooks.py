@@ -79,14 +79,15 @@ def _lab2(m: dict) -> None:
     # continued pretraining on the domain's text gives instruction tuning a head start at the same budget
     assert m["dapt_it_sql"] > m["it_only_sql"]
     # naive full fine-tuning loses a measurable part of the general skill
-    general_loss = m["base_arithmetic"] - m["naive_arithmetic"]
+    assert m["general_task"] == "arithmetic"  # the tiny base's general skill, learnt in pretraining
+    general_loss = m["base_general"] - m["naive_general"]
     assert general_loss >= 0.1 and m["naive_heldout_ppl"] > m["base_heldout_ppl"] * 1.2
     # the mitigation chosen on validation recovers, on test, at least half of that loss and keeps most of the
     # domain gain
     assert m["selection_split"] == "validation"
     assert m["best_general_recovered"] >= 0.5 and m["best_domain_gain_kept"] >= 0.7
     # more replay forgets less
-    assert m["replay_0.5_arithmetic"] >= m["replay_0.1_arithmetic"] > m["naive_arithmetic"]
+    assert m["replay_0.5_general"] >= m["replay_0.1_general"] > m["naive_general"]
     # continual learning: sequential training forgets, replay of earlier tasks forgets less
     assert m["cl_forgetting_sequential"] >= 0.2
     assert m["cl_forgetting_replay"] < m["cl_forgetting_sequential"] - 0.1

@@ -74,7 +74,8 @@ def test_cpu_real_is_cpu_on_the_real_model_with_its_measured_counts():
     assert real.base_model == real.large_model == profiles.REAL_MODEL
     assert {k for k in cpu if cpu[k] != dataclasses.asdict(real)[k]} == {
         "name", "base_model", "large_model", "lora_r", "lora_alpha", "learning_rate", "full_ft_learning_rate",
-        "batch_size", "max_seq_length", "max_steps", "seeds", "n_eval", "eval_batch_size"}
+        "batch_size", "max_seq_length", "max_steps", "seeds", "n_eval", "eval_batch_size", "general_task"}
+    assert real.general_task == "instructions"  # an instruct model's general skill; the tiny bases' is arithmetic
     assert real.max_steps // 3 // real.seeds == 16  # Lab 1's budget a method, as measured (docs/real-model.md)
 
 

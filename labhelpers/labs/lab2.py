@@ -10,7 +10,8 @@ from typing import Callable, Iterable, Mapping, Sequence
 import pandas as pd
 from torch import nn
 
-from labhelpers.continual import DOMAIN_TASK, GENERAL_TASK, all_scores, replay_mix, validation_scores
+from labhelpers.continual import DOMAIN_TASK, all_scores, replay_mix, validation_scores
+from labhelpers.data import rows_that_fit
 from labhelpers.evaluation import mean_over_seeds, score
 from labhelpers.models import load_model
 from labhelpers.profiles import Profile
@@ -32,7 +33,7 @@ def runs_over_seeds(train: Callable[[Profile], Iterable[Trained]], profile: Prof
     on the validation split (:func:`continual.validation_scores`), and then let go.
 
     Returns ``(test, validation, curves)``: per run name, the scores averaged over the seeds with a
-    ``<task> seed sd`` beside the domain and general scores (:func:`mean_over_seeds`), and each run's
+    ``<task> seed sd`` beside the domain and general (``profile.general_task``) scores (:func:`mean_over_seeds`), and each run's
     loss curve from the first seed.
     """
     test: dict[str, list] = {}
@@ -49,7 +50,7 @@ def runs_over_seeds(train: Callable[[Profile], Iterable[Trained]], profile: Prof
     if any(len(scores) != profile.seeds for scores in test.values()):
         raise ValueError("every seed must yield the same runs: "
                          + ", ".join(f"{name} {len(scores)}x" for name, scores in test.items()))
-    spread = (DOMAIN_TASK, GENERAL_TASK).__contains__
+    spread = (DOMAIN_TASK, profile.general_task).__contains__
     return ({name: mean_over_seeds(scores, spread) for name, scores in test.items()},
             {name: mean_over_seeds(scores, spread) for name, scores in validation.items()}, curves)
 
@@ -60,13 +61,14 @@ def continual_sequence(tasks: Sequence[str], profile: Profile, steps: int, repla
 
     Returns the accuracy matrix: row ``base`` then one row per stage (``after <task>``), one column per
     task, each entry the test score measured right after that stage. With ``replay_fraction`` > 0,
-    each stage mixes that fraction of examples from the earlier tasks' training data (replay).
+    each stage mixes that fraction of examples from the earlier tasks' training data (replay). Each
+    task trains on its train rows that fit the profile's ``max_seq_length`` (:func:`rows_that_fit`).
     """
     model, tokenizer = load_model(profile)
     matrix = {"base": {t: score(model, tokenizer, t, profile) for t in tasks}}
     seen: list[dict] = []
     for i, task in enumerate(tasks):
-        rows = task_rows(task, "train")
+        rows = rows_that_fit(task_rows(task, "train"), tokenizer, profile.max_seq_length)
         data = replay_mix(rows, seen, replay_fraction if seen else 0.0, tokenizer, profile.max_seq_length, seed + i)
         model = fine_tune(model, tokenizer, data, profile, steps).model
         matrix[f"after {task}"] = {t: score(model, tokenizer, t, profile) for t in tasks}

@@ -197,3 +197,17 @@ def test_merge_methods_over_seeds_train_each_seed_choose_on_validation_and_avera
     for column in ("validation average", "sql", "average", "sql_kept"):
         assert (two[f"{column} seed sd"] >= 0).all()
     assert "code_kept" not in two.columns  # code was not scored
+
+
+def test_lab3_scores_the_profiles_general_skill_and_an_instruct_base_is_its_own_start(tmp_path):
+    """Lab 3 scores every model on the experts' tasks and the profile's general skill; the tiny bases are
+    instruction-tuned into a start, while an instruct base (the real model) already is one: nothing trains."""
+    from labhelpers import profiles
+    from labhelpers.labs import lab3
+    from labhelpers.models import local_checkpoint
+
+    tiny, real = profiles.get("ci"), profiles.get("cpu-real")
+    assert lab3.lab_tasks(tiny) == ("code", "sql", "arithmetic")
+    assert lab3.lab_tasks(real) == ("code", "sql", "instructions")
+    start, run = lab3.train_instruct_start(real, tmp_path / "instruct", steps=5)
+    assert start == local_checkpoint(real.base_model) and run is None and not (tmp_path / "instruct").exists()

@@ -40,7 +40,7 @@ def test_the_harness_and_the_course_scorers_agree_on_every_example(ci_profile, t
     ``lm_eval.simple_evaluate`` (hf model type, the course's custom tasks) and by the labs' own
     generation and scorers: the same completion and the same verdict for every example of every task,
     also with answers capped by the profile (``max_new_tokens``, as the rehearsal does: 8 cuts code and SQL
-    answers and leaves arithmetic's budget of 4)."""
+    answers and leaves arithmetic's budget of 4), on Lab 3's tasks and the instruction probe."""
     from labhelpers.evaluation import evaluate
     from labhelpers.labs import lab3
     from labhelpers.models import load_model
@@ -49,9 +49,10 @@ def test_the_harness_and_the_course_scorers_agree_on_every_example(ci_profile, t
     folder, _ = lab3.train_expert(["code", "sql"], profile, tmp_path / "model", 60)
     model, tokenizer = load_model(profile, str(folder))
     completions, record = {}, {}
+    tasks = (*lab3.lab_tasks(profile), "instructions")
     for scored in (profile, profile.with_(max_new_tokens=8)):
-        by_harness = harness.evaluate_folder(folder, scored, lab3.TASKS)
-        for task in lab3.TASKS:
+        by_harness = harness.evaluate_folder(folder, scored, tasks)
+        for task in tasks:
             ours = evaluate(model, tokenizer, task, scored)
             assert by_harness[task]["completions"] == ours["completion"].tolist(), (task, scored.max_new_tokens)
             assert by_harness[task]["verdicts"] == ours["correct"].astype(float).tolist(), (task, scored.max_new_tokens)

@@ -17,10 +17,16 @@ from labhelpers.evaluation import SELECTION_SPLIT, mean_over_seeds, scores, sele
 from labhelpers.harness import score_folder as harness_score_folder
 from labhelpers.merging import NEEDS_BASE, Checkpoint, merge_checkpoints, preservation
 from labhelpers.models import load_model, local_checkpoint  # local_checkpoint: the notebook calls lab3.local_checkpoint
-from labhelpers.tasks import load_split, task_rows
+from labhelpers.tasks import PRETRAINING_TASKS, load_split, task_rows
 from labhelpers.training import fine_tune
 
-TASKS = ("code", "sql", "arithmetic")
+EXPERT_TASKS = ("code", "sql")
+
+
+def lab_tasks(profile) -> tuple[str, ...]:
+    """What every model of the lab is scored on: the experts' tasks and the profile's general skill
+    (``general_task``: the tiny bases' arithmetic, an instruct model's instruction following)."""
+    return (*EXPERT_TASKS, profile.general_task)
 
 
 def save_model(model, tokenizer, folder: str | Path) -> Path:
@@ -31,21 +37,24 @@ def save_model(model, tokenizer, folder: str | Path) -> Path:
     return folder
 
 
-def score_folder(folder: str | Path, profile, tasks: Sequence[str] = TASKS, split: str = "test",
+def score_folder(folder: str | Path, profile, tasks: Sequence[str] | None = None, split: str = "test",
                  harness: bool = False) -> dict[str, float]:
-    """Load a model folder on the profile's device and score it on ``tasks`` (``split`` of each): with
+    """Load a model folder on the profile's device and score it on ``tasks`` (default:
+    :func:`lab_tasks`; ``split`` of each): with
     the labs' own generation and scorers, or with ``harness=True`` through ``lm-eval``'s
     ``simple_evaluate`` and the course's custom tasks (:mod:`labhelpers.harness`: the same scorers)."""
+    tasks = tasks or lab_tasks(profile)
     if harness:
         return harness_score_folder(folder, profile, tasks, split)
     model, tokenizer = load_model(profile, str(folder))
     return scores(model, tokenizer, tasks, profile, split)
 
 
-def score_folders(folders: Mapping[str, str | Path], profile, tasks: Sequence[str] = TASKS,
+def score_folders(folders: Mapping[str, str | Path], profile, tasks: Sequence[str] | None = None,
                   split: str = "test", harness: bool = False) -> pd.DataFrame:
     """One row per named model folder: a column per task, ``average`` over them, and ``split``
     (scored as :func:`score_folder` does, through ``lm-eval`` with ``harness=True``)."""
+    tasks = tasks or lab_tasks(profile)
     table = pd.DataFrame({name: score_folder(folder, profile, tasks, split, harness)
                           for name, folder in folders.items()}).T
     table["average"] = table[list(tasks)].mean(axis=1)
@@ -60,12 +69,17 @@ def general_rows() -> list[dict]:
 
 
 def train_instruct_start(profile, folder: str | Path, steps: int, task_fraction: float = 0.02,
-                         tasks_: Sequence[str] = ("code", "sql"), repeats: int = 4) -> tuple[Path, object]:
-    """The shared starting point of the experts: the base instruction-tuned on general data
-    (:func:`general_rows`, ``repeats`` times) plus a small ``task_fraction`` of each task's training rows,
-    like an instruct model that has seen a little of everything. Saved to ``folder``."""
+                         tasks_: Sequence[str] = EXPERT_TASKS, repeats: int = 4) -> tuple[Path, object | None]:
+    """The shared starting point of the experts, and its training run: the base instruction-tuned on
+    general data (:func:`general_rows`, ``repeats`` times) plus a small ``task_fraction`` of each task's
+    training rows, like an instruct model that has seen a little of everything. Saved to ``folder``.
+
+    A base whose general skill was not learnt in pretraining (``profile.general_task`` is not a
+    pretraining task: an instruct model) is already such a start: its own folder is returned, with no run."""
     if not 0.0 <= task_fraction <= 1.0:
         raise ValueError(f"task_fraction must be in [0, 1], got {task_fraction}")
+    if profile.general_task not in PRETRAINING_TASKS:
+        return local_checkpoint(profile.base_model), None
     rng = random.Random(profile.seed)
     rows = general_rows() * repeats
     for task in tasks_:
@@ -127,7 +141,7 @@ def _beyond_rounding(ours: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def sweep_merges(configs: Sequence[Mapping], experts: Sequence[str | Path], base: str | Path, out_root: str | Path,
-                 profile, tasks: Sequence[str] = TASKS, tensor_fns: Mapping[str, Callable] | None = None,
+                 profile, tasks: Sequence[str] | None = None, tensor_fns: Mapping[str, Callable] | None = None,
                  split: str = SELECTION_SPLIT):
     """Run each merge config (``{"method": ..., "knob": <name>, <name>: value, ...}``) and score it.
 
@@ -139,8 +153,9 @@ def sweep_merges(configs: Sequence[Mapping], experts: Sequence[str | Path], base
 
     Returns a DataFrame: ``method``, ``knob``, ``value``, ``label``, one column per task, ``average``,
     ``seconds`` (merge time), ``folder`` (the merged checkpoint) and ``split``. ``tensor_fns`` maps a
-    method to your per-tensor function.
+    method to your per-tensor function. ``tasks`` default to :func:`lab_tasks`.
     """
+    tasks = tasks or lab_tasks(profile)
     rows = []
     for config in tqdm(configs, desc="merges"):
         config = dict(config)
@@ -158,7 +173,7 @@ def sweep_merges(configs: Sequence[Mapping], experts: Sequence[str | Path], base
     return pd.DataFrame(rows)
 
 
-def chosen_merges_on_test(sweep: pd.DataFrame, profile, tasks: Sequence[str] = TASKS) -> pd.DataFrame:
+def chosen_merges_on_test(sweep: pd.DataFrame, profile, tasks: Sequence[str] | None = None) -> pd.DataFrame:
     """Each method's best merge of ``sweep`` (scored on validation by :func:`sweep_merges`), chosen on
     validation (:func:`~labhelpers.evaluation.select_best`) and then scored once on the test split.
 
@@ -173,7 +188,7 @@ def chosen_merges_on_test(sweep: pd.DataFrame, profile, tasks: Sequence[str] = T
 
 def merge_methods_over_seeds(configs: Sequence[Mapping], profile, out_root: str | Path, steps: int,
                              learning_rate: float | None = None, first: tuple | None = None,
-                             tasks: Sequence[str] = TASKS) -> pd.DataFrame:
+                             tasks: Sequence[str] | None = None) -> pd.DataFrame:
     """The merge comparison repeated once per seed of the profile (``profile.seeds`` of them: seed
     ``profile.seed``, ``+ 1``, ...), so that a method's lead can be told from the luck of one training run.
 
@@ -188,6 +203,7 @@ def merge_methods_over_seeds(configs: Sequence[Mapping], profile, out_root: str 
     ``average``, ``<task>_kept``, ``validation average``), ``chosen`` (the merge chosen in each seed) and
     ``seeds``. Choose between the methods on ``validation average``, never on the test columns.
     """
+    tasks = tasks or lab_tasks(profile)
     per_method: dict[str, list[dict]] = {}
     for i in range(profile.seeds):
         seeded = profile.with_(seed=profile.seed + i)
@@ -197,7 +213,7 @@ def merge_methods_over_seeds(configs: Sequence[Mapping], profile, out_root: str 
             folder = Path(out_root) / f"seed{seeded.seed}"
             start, _ = train_instruct_start(seeded, folder / "instruct", steps)
             experts = {task: train_expert([task], seeded, folder / f"{task}_expert", steps, start=start,
-                                          learning_rate=learning_rate)[0] for task in ("code", "sql")}
+                                          learning_rate=learning_rate)[0] for task in EXPERT_TASKS}
             sweep = sweep_merges(configs, list(experts.values()), start, folder / "merges", seeded, tasks)
         own = {task: score_folder(expert, seeded, [task], "test") for task, expert in experts.items() if task in tasks}
         table = preservation(chosen_merges_on_test(sweep, seeded, tasks), own).drop(columns="split")

@@ -65,6 +65,12 @@ def domain_texts(queries_per_document: int = 8, seed: int = 0) -> list[str]:
     return docs
 
 
+def general_skill_from_pretraining(profile: Profile) -> bool:
+    """Whether the profile's base learnt its general skill in pretraining (the tiny bases' arithmetic),
+    rather than in an instruction tuning of its own (an instruct model's ``instructions``)."""
+    return profile.general_task in PRETRAINING_TASKS
+
+
 def general_rows(profile: Profile, tokenizer) -> list[dict]:
     """Training data of the profile's general skill, for replay and for the Fisher information of EWC.
 
@@ -74,7 +80,7 @@ def general_rows(profile: Profile, tokenizer) -> list[dict]:
     ``max_seq_length`` with ``tokenizer``'s template (:func:`labhelpers.data.rows_that_fit`). Neither
     holds a validation or test prompt of the task.
     """
-    if profile.general_task in PRETRAINING_TASKS:
+    if general_skill_from_pretraining(profile):
         return [{"text": t} for t in corpus_texts("train")]
     return rows_that_fit(task_rows(profile.general_task, "train"), tokenizer, profile.max_seq_length)
 
@@ -139,7 +145,8 @@ def all_scores(model, tokenizer, profile: Profile) -> dict[str, float]:
 def validation_scores(model, tokenizer, profile: Profile) -> dict[str, float]:
     """The domain and general task scores on the validation split: all that a choice between runs may
     read (:func:`best_mitigation`). The test split is for the final table (:func:`all_scores`)."""
-    return {task: score(model, tokenizer, task, profile, SELECTION_SPLIT) for task in (DOMAIN_TASK, profile.general_task)}
+    return {task: score(model, tokenizer, task, profile, SELECTION_SPLIT)
+            for task in (DOMAIN_TASK, profile.general_task)}
 
 
 def mitigation_table(runs: Mapping[str, Mapping[str, float]], general: str, base: str = "base",

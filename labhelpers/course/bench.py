@@ -8,8 +8,8 @@ Every comparison runs its contenders interleaved, ``--repeats`` times, and repor
   output layer applied at trained positions only) vs the same with random batches vs with TRL's
   padding-free batching vs TRL's ``SFTTrainer`` with its defaults (random padded batches, gradient
   checkpointing, the fused log-prob head, bf16 mixed precision) vs the same with ``bf16=False`` (what a
-  CPU without bf16 arithmetic should use: there bf16 is emulated, tens of times slower) vs a plain PyTorch loop (random padded batches, the model's
-  own loss); same model, rows, batch size and steps; real (non-padding) tokens per second, data
+  CPU without bf16 arithmetic should use: there bf16 is emulated, tens of times slower) vs a plain
+  PyTorch loop (random padded batches, the model's own loss); same model, rows, batch size and steps; real (non-padding) tokens per second, data
   preparation included, with the range of the ratio to TRL over the repetitions. Measured twice: on
   the shipped tiny model (``ci``) and on the real model (SmolLM2-135M-Instruct, ``make real-model``,
   :func:`labhelpers.profiles.on_real_model`; fewer steps, since each takes seconds; ``--quick``: one step

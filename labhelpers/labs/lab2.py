@@ -33,8 +33,8 @@ def runs_over_seeds(train: Callable[[Profile], Iterable[Trained]], profile: Prof
     on the validation split (:func:`continual.validation_scores`), and then let go.
 
     Returns ``(test, validation, curves)``: per run name, the scores averaged over the seeds with a
-    ``<task> seed sd`` beside the domain and general (``profile.general_task``) scores (:func:`mean_over_seeds`), and each run's
-    loss curve from the first seed.
+    ``<task> seed sd`` beside the domain and general (``profile.general_task``) scores
+    (:func:`mean_over_seeds`), and each run's loss curve from the first seed.
     """
     test: dict[str, list] = {}
     validation: dict[str, list] = {}

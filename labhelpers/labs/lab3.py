@@ -13,11 +13,12 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from labhelpers.continual import general_skill_from_pretraining
 from labhelpers.evaluation import SELECTION_SPLIT, mean_over_seeds, scores, select_best
 from labhelpers.harness import score_folder as harness_score_folder
 from labhelpers.merging import NEEDS_BASE, Checkpoint, merge_checkpoints, preservation
 from labhelpers.models import load_model, local_checkpoint  # local_checkpoint: the notebook calls lab3.local_checkpoint
-from labhelpers.tasks import PRETRAINING_TASKS, load_split, task_rows
+from labhelpers.tasks import load_split, task_rows
 from labhelpers.training import fine_tune
 
 EXPERT_TASKS = ("code", "sql")
@@ -74,11 +75,12 @@ def train_instruct_start(profile, folder: str | Path, steps: int, task_fraction:
     general data (:func:`general_rows`, ``repeats`` times) plus a small ``task_fraction`` of each task's
     training rows, like an instruct model that has seen a little of everything. Saved to ``folder``.
 
-    A base whose general skill was not learnt in pretraining (``profile.general_task`` is not a
-    pretraining task: an instruct model) is already such a start: its own folder is returned, with no run."""
+    A base whose general skill was not learnt in pretraining (an instruct model:
+    :func:`labhelpers.continual.general_skill_from_pretraining`) is already such a start: its own folder
+    is returned, with no run."""
     if not 0.0 <= task_fraction <= 1.0:
         raise ValueError(f"task_fraction must be in [0, 1], got {task_fraction}")
-    if profile.general_task not in PRETRAINING_TASKS:
+    if not general_skill_from_pretraining(profile):
         return local_checkpoint(profile.base_model), None
     rng = random.Random(profile.seed)
     rows = general_rows() * repeats
